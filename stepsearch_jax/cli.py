@@ -1,0 +1,48 @@
+"""Shared absl flag handling for the entry points (train, evaluate, serve).
+
+Every entry point takes ``--config configs/X.py[:arg]`` with ``--config.a.b=value`` overrides
+(ml_collections.config_flags). Unknown override keys and wrong types fail while flags are parsed;
+:func:`parse_flags` turns those failures into one line naming the key instead of a traceback, and
+:func:`load` then validates combinations of values.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from stepsearch_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally with ':arg' for get_config(arg).",
+    lock_config=True)
+
+
+def parse_flags(argv):
+  """absl flags parser that reports bad config keys/values in one line naming the key."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL flags error: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+    sys.exit(f"FATAL config error in {' '.join(bad) or 'config'}: {msg}")
+
+
+def run(main):
+  """app.run with the friendly config parser."""
+  app.run(main, flags_parser=parse_flags)
+
+
+def load():
+  """Return the validated config given on the command line; exits naming the bad key."""
+  cfg = _CONFIG.value
+  if cfg is None:
+    sys.exit("FATAL --config is required, e.g. --config configs/demo.py:smoke")
+  try:
+    return config_lib.validate(cfg)
+  except ValueError as e:
+    sys.exit(f"FATAL config error: {e}")
