@@ -1,0 +1,132 @@
+"""The algorithm registry: steppo, ppo, grpo as declarations over one training loop.
+
+Each algorithm states three things and nothing else:
+  * ``uses_critic``: whether a value model is trained and read (GAE) or not (GRPO);
+  * how rewards are shaped: ``reward_overrides`` applied to ``cfg.reward`` before scoring, and
+    ``outcome_only`` (keep only the final-token reward, zero the step rewards) as a guard;
+  * ``advantage``: the name of an advantage estimator in ``ADVANTAGES``.
+
+  steppo: step rewards (information gain - redundancy at each search turn's last token) + answer and
+          key reward at the last token; KL in reward; critic + bridged GAE; whitening (method §4).
+  ppo:    the paper's PPO baseline: outcome (answer) reward at the last token only, no step or key
+          rewards; otherwise identical to steppo.
+  grpo:   outcome reward, normalised within the n samples of each prompt (verl's grpo estimator:
+          summed token rewards, KL-in-reward included when kl_coef > 0), broadcast over the
+          response's model tokens; no critic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stepsearch_jax.ppo import gae as gae_lib
+from stepsearch_jax.ppo.batch import PPOBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageParams:
+  """The static (hashable) settings the advantage estimators read, taken from cfg.algo."""
+  gamma: float = 1.0
+  lam: float = 1.0
+  kl_coef: float = 0.001
+  whiten_mask: str = "all"
+  grpo_eps: float = 1e-6
+
+  @classmethod
+  def from_config(cls, algo_cfg) -> "AdvantageParams":
+    return cls(gamma=float(algo_cfg.gamma), lam=float(algo_cfg.lam),
+               kl_coef=float(algo_cfg.kl_coef), whiten_mask=str(algo_cfg.whiten_mask),
+               grpo_eps=float(algo_cfg.get("grpo_eps", 1e-6)))
+
+
+def _mask(batch: PPOBatch, which: str):
+  if which == "all":
+    return batch.response_mask
+  if which == "model":
+    return batch.loss_mask
+  raise ValueError(f"mask choice {which!r} is not one of ['all', 'model']")
+
+
+def _kl_rewards(batch: PPOBatch, hp: AdvantageParams):
+  rewards, kl = gae_lib.kl_in_reward(batch.rewards, batch.old_logprobs, batch.ref_logprobs,
+                                     batch.loss_mask, hp.kl_coef)
+  metrics = dict(kl_in_reward=gae_lib.masked_mean(kl, batch.loss_mask),
+                 score_sum=jnp.mean((batch.rewards * batch.response_mask).sum(-1)),
+                 reward_sum=jnp.mean((rewards * batch.response_mask).sum(-1)))
+  return rewards, metrics
+
+
+def gae_advantages(batch: PPOBatch, hp: AdvantageParams):
+  """KL-in-reward -> GAE over model tokens (inserted ones bridged) -> whitening over whiten_mask."""
+  rewards, metrics = _kl_rewards(batch, hp)
+  adv, ret = gae_lib.gae(rewards, batch.values, batch.loss_mask, hp.gamma, hp.lam)
+  adv = gae_lib.masked_whiten(adv, _mask(batch, hp.whiten_mask))
+  metrics.update(returns_mean=gae_lib.masked_mean(ret, batch.response_mask),
+                 values_mean=gae_lib.masked_mean(batch.values, batch.response_mask))
+  return adv * batch.response_mask, ret * batch.response_mask, metrics
+
+
+def grpo_advantages(batch: PPOBatch, hp: AdvantageParams):
+  """Group-normalised summed reward per row, broadcast over its model tokens; returns = advantages."""
+  rewards, metrics = _kl_rewards(batch, hp)
+  scores = (rewards * batch.response_mask).sum(-1)
+  norm = gae_lib.group_normalise(scores.reshape(-1), batch.group_ids.reshape(-1), hp.grpo_eps)
+  adv = norm.reshape(scores.shape)[..., None] * batch.loss_mask
+  return adv, adv, metrics
+
+
+ADVANTAGES: dict[str, Callable] = {"gae": gae_advantages, "grpo": grpo_advantages}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  name: str
+  uses_critic: bool
+  advantage: str
+  outcome_only: bool = False
+  reward_overrides: tuple = ()   # ((key, value), ...) applied to cfg.reward
+
+  def reward_config(self, reward_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """cfg.reward with this algorithm's overrides (feed to RewardConfig.from_config)."""
+    out = ml_collections.ConfigDict(reward_cfg.to_dict())
+    for key, value in self.reward_overrides:
+      out[key] = value
+    return out
+
+  def shape_rewards(self, token_rewards: np.ndarray, response_len: int | None = None) -> np.ndarray:
+    """Outcome-only algorithms keep just the final token's reward (the answer reward)."""
+    r = np.asarray(token_rewards, np.float32)
+    if not self.outcome_only:
+      return r
+    n = len(r) if response_len is None else response_len
+    out = np.zeros_like(r)
+    if n:
+      out[n - 1] = r[n - 1]
+    return out
+
+  def advantages(self, batch: PPOBatch, hp: AdvantageParams):
+    """(advantages, returns, metrics) as jnp arrays; jit-friendly (hp is static)."""
+    return ADVANTAGES[self.advantage](batch, hp)
+
+
+_OUTCOME = (("search_steps_reward", False), ("search_key_reward", False))
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "steppo": Algorithm("steppo", uses_critic=True, advantage="gae"),
+    "ppo": Algorithm("ppo", uses_critic=True, advantage="gae", outcome_only=True,
+                     reward_overrides=_OUTCOME),
+    "grpo": Algorithm("grpo", uses_critic=False, advantage="grpo", outcome_only=True,
+                      reward_overrides=_OUTCOME),
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+  try:
+    return ALGORITHMS[name]
+  except KeyError:
+    raise ValueError(f"config.algo.name={name!r} is not one of {sorted(ALGORITHMS)}") from None
