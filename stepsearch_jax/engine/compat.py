@@ -1,0 +1,74 @@
+"""Make `google-jetstream==0.2.2` importable next to current JAX without TensorFlow.
+
+Import this module before anything from `jetstream` (``stepsearch_jax.engine`` does it for you).
+It fixes three things, each only when needed, and changes nothing else:
+
+1. ``jax.tree_map`` was removed from JAX; JetStream's orchestrator still calls it to free prefill
+   results. We alias it to ``jax.tree_util.tree_map`` when the attribute is missing.
+2. ``jetstream.engine.token_utils`` (imported by ``engine_api``) does
+   ``from seqio.vocabularies import SentencePieceVocabulary, Vocabulary``. seqio drags in
+   TensorFlow (3.2 GB) and we never use its SentencePiece vocabulary (our engine brings a
+   Hugging Face tokenizer). When seqio is absent we register a tiny ``seqio.vocabularies``
+   module whose two classes raise a clear error if anyone actually instantiates them. A real
+   seqio installation is always preferred.
+3. ``jetstream.core.orchestrator`` sets the ROOT logger to DEBUG and adds a stdout handler at
+   import time, which floods every program that imports it (and slows the decode threads). We
+   import it here once and restore the root logger's level and handlers afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import types
+
+import jax
+
+if not hasattr(jax, "tree_map"):
+  jax.tree_map = jax.tree_util.tree_map  # type: ignore[attr-defined]
+
+
+def _install_seqio_shim() -> bool:
+  """Registers a minimal `seqio.vocabularies` when seqio is not installed; returns True if so."""
+  if "seqio" in sys.modules or importlib.util.find_spec("seqio") is not None:
+    return False
+
+  class Vocabulary:
+    """Placeholder for seqio's abstract vocabulary (type annotations in token_utils only)."""
+
+    def __init__(self, *args, **kwargs):
+      raise RuntimeError("seqio is not installed: JetStream's SentencePiece vocabularies are not "
+                         "available; stepsearch_jax engines use a Hugging Face tokenizer instead")
+
+  class SentencePieceVocabulary(Vocabulary):
+    pass
+
+  seqio = types.ModuleType("seqio")
+  vocabularies = types.ModuleType("seqio.vocabularies")
+  vocabularies.Vocabulary = Vocabulary
+  vocabularies.SentencePieceVocabulary = SentencePieceVocabulary
+  seqio.vocabularies = vocabularies
+  seqio.__stepsearch_shim__ = True
+  sys.modules["seqio"] = seqio
+  sys.modules["seqio.vocabularies"] = vocabularies
+  return True
+
+
+SEQIO_SHIM = _install_seqio_shim()
+
+
+def _import_jetstream_keeping_logging() -> None:
+  root = logging.getLogger()
+  level, handlers = root.level, list(root.handlers)
+  try:
+    import jetstream.core.orchestrator  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+    import jetstream.engine.engine_api  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+  finally:
+    for h in list(root.handlers):
+      if h not in handlers:
+        root.removeHandler(h)
+    root.setLevel(level)
+
+
+_import_jetstream_keeping_logging()

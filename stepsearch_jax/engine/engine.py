@@ -1,0 +1,383 @@
+"""StepSearchEngine: JetStream's Engine API over our Flax decoder, plus what RL rollouts need.
+
+Decode state, per slot (row of the KV cache):
+  ``tokens``  the PENDING token: sampled but not yet emitted nor written to the cache;
+  ``pos``     the cache position where the pending token will be written (= context length);
+  ``active``  the slot is decoding (inserted and not yet stopped).
+A ``generate`` step EMITS each active slot's pending token (with its logprob), checks the stop
+rules on it (a stop sequence ending here, an EOS id, or the slot's token cap), writes it into the
+cache at ``pos`` in one batched forward pass, and samples the next pending token from that pass's
+logits. Prefill therefore only samples the first token; the first ``generate`` after ``insert``
+emits it. This keeps JetStream's contract (prefill returns a Prefix, tokens come out of generate)
+and costs one wasted forward per request at its end.
+
+Stops: the token that completes a stop sequence (``</search>``, ``</answer>``) is emitted as valid;
+from the next step on the slot reports ``valid=0``, which JetStream's detokenizer treats as the end
+of the request. An EOS token is emitted with ``valid=1`` too but is in the tokenizer's stop set, so
+JetStream drops it; our drivers drop it as well (the method's responses never contain EOS), and the
+slot's ``pos`` does not advance past it, so an append overwrites it.
+
+RL extras: per-slot sampling (``sampling.py``), per-token logprobs, ``append`` (prefill the
+tokens of a tool result into a live slot at its current length, batched over slots), ``swap_params``
+between steps (params are a jit argument, so same shapes/dtypes never recompile) and donation of
+the decode state (the KV cache is updated in place).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stepsearch_jax.engine import compat  # noqa: F401  (must precede jetstream imports)
+from jetstream.engine import engine_api  # pylint: disable=g-bad-import-order
+from jetstream.engine import tokenizer_pb2
+
+from stepsearch_jax import models
+from stepsearch_jax.engine import sampling as sampling_lib
+from stepsearch_jax.engine.tokenizer import HFTokenizer, stop_sequences
+
+SamplingParams = sampling_lib.SamplingParams
+DEFAULT_STOPS = ("</search>", "</answer>")
+
+
+@flax.struct.dataclass
+class Prefix:
+  """A prefilled request (batch 1): its cache, first sampled token and true length."""
+  cache: Any
+  token: jax.Array        # [1] int32
+  logprob: jax.Array      # [1] float32
+  length: jax.Array       # [1] int32
+  max_new: jax.Array      # [1] int32 token cap
+  temperature: jax.Array  # [1]
+  top_p: jax.Array
+  top_k: jax.Array
+  key: jax.Array          # [1, 2] uint32
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: Any
+  tokens: jax.Array       # [B] pending token
+  logprobs: jax.Array     # [B] its logprob
+  pos: jax.Array          # [B] where it goes in the cache
+  gen_len: jax.Array      # [B] tokens emitted since the last insert/append
+  max_new: jax.Array      # [B] cap on gen_len
+  active: jax.Array       # [B] bool
+  tail: jax.Array         # [B, K] last K emitted tokens (stop-sequence window), -1 = none
+  temperature: jax.Array  # [B]
+  top_p: jax.Array        # [B]
+  top_k: jax.Array        # [B] int32
+  keys: jax.Array         # [B, 2] uint32
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+class StepSearchEngine(engine_api.Engine):
+  """JetStream Engine for a `stepsearch_jax.models` decoder (qwen2/llama).
+
+  Args:
+    config: the model's ModelConfig. params: its params pytree. tokenizer: an HF tokenizer.
+    num_slots: decode batch (JetStream's max_concurrent_decodes).
+    cache_len: KV cache length per slot; must hold a context plus one turn of generation.
+    max_prefill_length: longest JetStream prefill (a power of two >= 16, as JetStream's padding
+      helper requires).
+    stop_strings: strings whose token ids stop a slot (see `tokenizer.stop_sequences`).
+    eos_ids: token ids that end generation (default: the tokenizer's EOS).
+    default_sampling: used for requests that come through JetStream's orchestrator.
+    max_tokens: default per-request cap for those requests (the orchestrator has its own too).
+  """
+
+  def __init__(self, config: models.ModelConfig, params: Any, tokenizer: Any, *,
+               num_slots: int = 8, cache_len: int = 1024, max_prefill_length: int = 512,
+               stop_strings: Sequence[str] = DEFAULT_STOPS, eos_ids: Sequence[int] | None = None,
+               default_sampling: SamplingParams = SamplingParams.greedy(),
+               max_tokens: int = 1 << 30, seed: int = 0, mesh: jax.sharding.Mesh | None = None):
+    if max_prefill_length < 16 or max_prefill_length & (max_prefill_length - 1):
+      raise ValueError(f"max_prefill_length={max_prefill_length} must be a power of two >= 16")
+    if cache_len < max_prefill_length:
+      raise ValueError(f"cache_len={cache_len} must be >= max_prefill_length={max_prefill_length}")
+    self.config = config
+    self.params = params
+    self.hf_tokenizer = tokenizer
+    self.tokenizer = HFTokenizer(tokenizer, eos_ids)
+    self.eos_ids = self.tokenizer.eos_ids
+    self.num_slots = int(num_slots)
+    self.cache_len = int(cache_len)
+    self._max_prefill_length = int(max_prefill_length)
+    self.default_sampling = default_sampling
+    self.max_tokens = int(max_tokens)
+    self.seed = int(seed)
+    self._mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    self.stop_ids = stop_sequences(tokenizer, stop_strings) if stop_strings else []
+    width = max([len(s) for s in self.stop_ids] + [1])
+    stops = np.full((max(1, len(self.stop_ids)), width), -1, np.int32)
+    for i, seq in enumerate(self.stop_ids):
+      stops[i, width - len(seq):] = seq                      # right-aligned, -1 = wildcard
+    self._stops = stops
+    self._has_stops = bool(self.stop_ids)
+    self._request_counter = 0
+    self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+    self._prefill_jit = jax.jit(self._prefill_impl)
+    self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
+    self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,))
+    self._score_jit = jax.jit(self._score_impl)
+    self._init_jit = None
+
+  # ----------------------------------------------------------------------------- device functions
+  def _stop_hit(self, tail: jax.Array) -> jax.Array:
+    if not self._has_stops:
+      return jnp.zeros(tail.shape[:1], bool)
+    stops = jnp.asarray(self._stops)                          # [S, K]
+    match = (stops[None] == -1) | (tail[:, None, :] == stops[None])
+    return jnp.any(jnp.all(match, axis=-1), axis=-1)
+
+  def _generate_impl(self, params, state: DecodeState):
+    emit, emit_lp, valid = state.tokens, state.logprobs, state.active
+    gen_len = state.gen_len + valid.astype(jnp.int32)
+    shifted = jnp.concatenate([state.tail[:, 1:], emit[:, None]], axis=1)
+    tail = jnp.where(valid[:, None], shifted, state.tail)
+    is_eos = jnp.isin(emit, jnp.asarray(self.eos_ids, jnp.int32))
+    stopped = valid & (self._stop_hit(tail) | is_eos | (gen_len >= state.max_new))
+    write_pos = jnp.minimum(state.pos, self.cache_len - 1)
+    logits, cache = models.forward_cached(self.config, params, emit[:, None], state.cache,
+                                          write_pos, last_only=True)
+    nxt, nxt_lp = sampling_lib.sample(logits, state.keys, state.pos + 1, state.temperature,
+                                      state.top_p, state.top_k)
+    active = valid & ~stopped
+    new_state = state.replace(
+        cache=cache, tokens=jnp.where(active, nxt, emit), logprobs=jnp.where(active, nxt_lp, emit_lp),
+        pos=state.pos + (valid & ~is_eos).astype(jnp.int32), gen_len=gen_len, active=active,
+        tail=tail)
+    data = jnp.stack([emit, valid.astype(jnp.int32), gen_len], axis=1)
+    return new_state, data, emit_lp, stopped
+
+  def _prefill_impl(self, params, tokens, true_length, max_new, temperature, top_p, top_k, key):
+    cache = models.init_cache(self.config, 1, tokens.shape[1])
+    logits, cache = models.forward_cached(self.config, params, tokens, cache,
+                                          jnp.zeros((1,), jnp.int32), last_only=True,
+                                          last_index=true_length - 1)
+    tok, lp = sampling_lib.sample(logits, key, true_length, temperature, top_p, top_k)
+    return Prefix(cache=cache, token=tok, logprob=lp, length=true_length, max_new=max_new,
+                  temperature=temperature,
+                  top_p=top_p, top_k=top_k, key=key)
+
+  def _insert_impl(self, prefix: Prefix, state: DecodeState, slot):
+    def put(big, small):
+      return jax.lax.dynamic_update_slice(big, small.astype(big.dtype),
+                                          (0, slot) + (0,) * (big.ndim - 2))
+    cache = jax.tree_util.tree_map(put, state.cache, prefix.cache)
+    return self._set_rows(state, cache, slot[None], prefix.token, prefix.logprob, prefix.length,
+                          prefix.max_new, prefix.temperature,
+                          prefix.top_p, prefix.top_k, prefix.key)
+
+  def _set_rows(self, state, cache, rows, tok, lp, pos, max_new, temperature, top_p, top_k, keys):
+    return state.replace(
+        cache=cache, tokens=state.tokens.at[rows].set(tok), logprobs=state.logprobs.at[rows].set(lp),
+        pos=state.pos.at[rows].set(pos), gen_len=state.gen_len.at[rows].set(0),
+        max_new=state.max_new.at[rows].set(max_new), active=state.active.at[rows].set(True),
+        tail=state.tail.at[rows].set(-1), temperature=state.temperature.at[rows].set(temperature),
+        top_p=state.top_p.at[rows].set(top_p), top_k=state.top_k.at[rows].set(top_k),
+        keys=state.keys.at[rows].set(keys))
+
+  def _append_impl(self, params, state: DecodeState, rows, tokens, start, lengths, max_new,
+                   temperature, top_p, top_k, keys):
+    sub = jax.tree_util.tree_map(lambda c: c[:, rows], state.cache)
+    logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
+                                        last_index=lengths - 1)
+    cache = jax.tree_util.tree_map(lambda c, s: c.at[:, rows].set(s), state.cache, sub)
+    end = start + lengths
+    tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
+    return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)
+
+  def _score_impl(self, params, tokens):
+    cache = models.init_cache(self.config, 1, tokens.shape[1])
+    logits, _ = models.forward_cached(self.config, params, tokens, cache,
+                                      jnp.zeros((1,), jnp.int32))
+    logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
+
+  # ----------------------------------------------------------------------------- JetStream API
+  def load_params(self, *args, **kwargs) -> Any:
+    """The params given at construction (or the last `swap_params`)."""
+    del args, kwargs
+    return self.params
+
+  def init_decode_state(self, *args, **kwargs) -> DecodeState:
+    """Empty slots (built by a jitted function so its buffers match later, donated states)."""
+    del args, kwargs
+    if self._init_jit is None:
+      self._init_jit = jax.jit(self._init_state_impl)
+    return self._init_jit()
+
+  def _init_state_impl(self) -> DecodeState:
+    b = self.num_slots
+    s = self.default_sampling
+    return DecodeState(
+        cache=models.init_cache(self.config, b, self.cache_len),
+        tokens=jnp.zeros((b,), jnp.int32), logprobs=jnp.zeros((b,), jnp.float32),
+        pos=jnp.zeros((b,), jnp.int32), gen_len=jnp.zeros((b,), jnp.int32),
+        max_new=jnp.full((b,), self.max_tokens, jnp.int32), active=jnp.zeros((b,), bool),
+        tail=jnp.full((b, self._stops.shape[1]), -1, jnp.int32),
+        temperature=jnp.full((b,), s.temperature, jnp.float32),
+        top_p=jnp.full((b,), s.top_p, jnp.float32), top_k=jnp.full((b,), s.top_k, jnp.int32),
+        keys=jnp.zeros((b, 2), jnp.uint32))
+
+  def request_key(self, request_id: int) -> np.ndarray:
+    """The sampling key of a request: depends only on the engine seed and the request id."""
+    return np.asarray(jax.random.fold_in(jax.random.PRNGKey(self.seed), request_id), np.uint32)
+
+  def prefill(self, *, params: Any, existing_prefix: Prefix | None = None,
+              padded_tokens: jax.Array, true_length: int,
+              sampling: SamplingParams | None = None, request_id: int | None = None) -> Prefix:
+    """Prefill one padded prompt (its length is the bucket); logits of the last true token only."""
+    if existing_prefix is not None:
+      raise ValueError("existing_prefix is not supported: use StepSearchEngine.append to extend a "
+                       "live slot instead")
+    tokens = jnp.asarray(padded_tokens, jnp.int32).reshape(1, -1)
+    if tokens.shape[1] > self.cache_len:
+      raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds cache_len={self.cache_len}")
+    if not 0 < true_length <= tokens.shape[1]:
+      raise ValueError(f"true_length={true_length} outside 1..{tokens.shape[1]}")
+    s = sampling or self.default_sampling
+    if request_id is None:
+      request_id, self._request_counter = self._request_counter, self._request_counter + 1
+    return self._prefill_jit(
+        params, tokens, jnp.full((1,), true_length, jnp.int32),
+        jnp.full((1,), self.max_tokens, jnp.int32),
+        jnp.full((1,), s.temperature, jnp.float32), jnp.full((1,), s.top_p, jnp.float32),
+        jnp.full((1,), s.top_k, jnp.int32), jnp.asarray(self.request_key(request_id))[None])
+
+  def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+    return self._insert_jit(prefix, decode_state, jnp.asarray(slot, jnp.int32))
+
+  def generate(self, params: Any, decode_state: DecodeState
+               ) -> tuple[DecodeState, engine_api.ResultTokens]:
+    state, result, _ = self.generate_rl(params, decode_state)
+    return state, result
+
+  def generate_rl(self, params: Any, decode_state: DecodeState):
+    """`generate` that also returns (logprobs [B], stopped [B]) device arrays for RL drivers."""
+    state, data, logprobs, stopped = self._generate_jit(params, decode_state)
+    result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2),
+                                     length_idx=(2, 3), samples_per_slot=1)
+    return state, result, (logprobs, stopped)
+
+  def get_prefix_destination_sharding(self) -> Any:
+    return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+
+  def get_tokenizer(self) -> tokenizer_pb2.TokenizerParameters:
+    return tokenizer_pb2.TokenizerParameters(
+        path=str(getattr(self.hf_tokenizer, "name_or_path", "")), extra_ids=0)
+
+  def build_tokenizer(self, metadata: tokenizer_pb2.TokenizerParameters) -> HFTokenizer:
+    del metadata
+    return self.tokenizer
+
+  @property
+  def max_concurrent_decodes(self) -> int:
+    return self.num_slots
+
+  @property
+  def samples_per_slot(self) -> int:
+    return 1
+
+  @property
+  def max_prefill_length(self) -> int:
+    return self._max_prefill_length
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self._mesh
+
+  @property
+  def colocated_cpus(self) -> None:
+    return None
+
+  # ----------------------------------------------------------------------------- RL extras
+  def swap_params(self, params: Any) -> None:
+    """Use new weights from the next call on; same tree/shapes/dtypes, so nothing recompiles."""
+    old = jax.tree_util.tree_structure(self.params)
+    new = jax.tree_util.tree_structure(params)
+    if old != new:
+      raise ValueError(f"swap_params: parameter tree differs from the engine's ({new} vs {old})")
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(self.params),
+                          jax.tree_util.tree_leaves(self.params), jax.tree_util.tree_leaves(params)):
+      if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"swap_params: {jax.tree_util.keystr(path[0])} is {b.shape} {b.dtype}, "
+                         f"the engine's is {a.shape} {a.dtype}")
+    self.params = params
+
+  def append(self, decode_state: DecodeState, slots: Sequence[int],
+             tokens: Sequence[Sequence[int]], starts: Sequence[int], *,
+             params: Any = None, max_new: Sequence[int] | int | None = None,
+             sampling: Sequence[SamplingParams] | SamplingParams | None = None,
+             keys: Sequence[np.ndarray] | None = None,
+             buckets: Sequence[int] = ()) -> DecodeState:
+    """Prefill `tokens[i]` into slot `slots[i]` at cache position `starts[i]`, then decode on.
+
+    `starts[i] = 0` is a fresh prompt; `starts[i] = context length` appends a tool result to a
+    live slot (only the new tokens are computed). The slot becomes active with a token cap of
+    `max_new[i]` and samples its next token from the last appended position. Rows are padded to
+    a power of two (by repeating row 0, which writes identical values) and tokens to the smallest
+    bucket that fits, so compilations stay few.
+    """
+    n = len(slots)
+    if not (n == len(tokens) == len(starts)):
+      raise ValueError("append: slots, tokens and starts must have the same length")
+    if n == 0:
+      return decode_state
+    lengths = [len(t) for t in tokens]
+    if min(lengths) <= 0:
+      raise ValueError("append: every row needs at least one token")
+    longest = max(lengths)
+    width = next((b for b in sorted(buckets) if b >= longest), _pow2_at_least(max(longest, 16)))
+    for s, st, ln in zip(slots, starts, lengths):
+      if not 0 <= s < self.num_slots:
+        raise ValueError(f"append: slot {s} outside 0..{self.num_slots - 1}")
+      if st + width > self.cache_len:
+        raise ValueError(f"append: slot {s} start {st} + bucket {width} (for {ln} tokens) exceeds "
+                         f"cache_len={self.cache_len}; re-prefill a truncated context instead")
+    rows = _pow2_at_least(n)
+    pad = [0] * (rows - n)
+    tok = np.zeros((rows, width), np.int32)
+    for i, t in enumerate(list(tokens) + [tokens[0]] * len(pad)):
+      tok[i, :len(t)] = t
+    if sampling is None or isinstance(sampling, SamplingParams):
+      sampling = [sampling or self.default_sampling] * n
+    if max_new is None or isinstance(max_new, int):
+      max_new = [self.max_tokens if max_new is None else max_new] * n
+    if keys is None:
+      keys = [self.request_key(s) for s in slots]
+
+    def col(values, dtype):
+      values = list(values)
+      return jnp.asarray(np.asarray(values + [values[0]] * len(pad), dtype))
+
+    return self._append_jit(
+        self.params if params is None else params, decode_state, col(slots, np.int32),
+        jnp.asarray(tok), col(starts, np.int32), col(lengths, np.int32), col(max_new, np.int32),
+        col([s.temperature for s in sampling], np.float32),
+        col([s.top_p for s in sampling], np.float32), col([s.top_k for s in sampling], np.int32),
+        jnp.asarray(np.stack([np.asarray(k, np.uint32) for k in keys]
+                             + [np.asarray(keys[0], np.uint32)] * len(pad))))
+
+  def score(self, token_ids: Sequence[int], params: Any = None) -> np.ndarray:
+    """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's weights (one forward)."""
+    n = len(token_ids)
+    width = _pow2_at_least(max(n, 16))
+    tok = np.zeros((1, width), np.int32)
+    tok[0, :n] = token_ids
+    out = self._score_jit(self.params if params is None else params, jnp.asarray(tok))
+    return np.asarray(out)[:n - 1]
+
+  def compile_counts(self) -> dict[str, int]:
+    """How many programs each jitted entry point holds (a swap must not add any)."""
+    return {name: getattr(self, f"_{name}_jit")._cache_size()
+            for name in ("generate", "prefill", "insert", "append", "score")}
