@@ -1,0 +1,137 @@
+"""The functional model API on pure-dict params: init, full-sequence forward, KV-cache forward, value.
+
+Every function takes the (hashable) ModelConfig first and is wrapped in ``jax.jit`` with the config
+static, so eager callers get compiled code and callers inside their own ``jax.jit`` simply inline it
+(no per-call retrace: shapes and config are the cache key).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from stepsearch_jax.models import decoder
+from stepsearch_jax.models.config import ModelConfig
+from stepsearch_jax.models.sharding import constrain, param_shardings
+
+Params = Any
+
+
+def default_positions(attention_mask):
+  """clip(cumsum(mask) - 1, 0): real tokens get 0, 1, 2, ... whatever the padding side."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "value"))
+def _init(config: ModelConfig, rng, value: bool):
+  cls = decoder.ValueModel if value else decoder.Decoder
+  return nnx.to_pure_dict(nnx.state(cls(config, nnx.Rngs(params=rng))))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -> Params:
+  """Random init (normal 0.02, HF's initializer_range); sharded at creation when a mesh is given."""
+  if mesh is None:
+    return _init(config, rng, False)
+  out = param_shardings(config, decoder.param_shapes(config), mesh)
+  return jax.jit(_init, static_argnums=(0, 2), out_shardings=out)(config, rng, False)
+
+
+def _hidden(config, params, tokens, attention_mask, positions):
+  if positions is None:
+    if attention_mask is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    else:
+      positions = default_positions(attention_mask)
+  model = decoder.merge(config, params)
+  hidden, _ = model(tokens, positions, attention_mask)
+  return hidden
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def hidden_states(config: ModelConfig, params: Params, tokens: jax.Array,
+                  attention_mask: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> jax.Array:
+  """Final-normed hidden states [B, T, D] in the compute dtype."""
+  return _hidden(config, params, tokens, attention_mask, positions)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+  """float32 logits [..., V] from hidden states (lets the trainer chunk the vocab projection)."""
+  logits = decoder.merge(config, params).logits(hidden)
+  return constrain(logits, "batch", "length", "vocab") if logits.ndim == 3 else logits
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def apply_lm(config: ModelConfig, params: Params, tokens: jax.Array,
+             attention_mask: jax.Array | None = None,
+             positions: jax.Array | None = None) -> jax.Array:
+  """float32 logits [B, T, V]; causal attention that also masks padded keys (mask 0)."""
+  hidden = _hidden(config, params, tokens, attention_mask, positions)
+  return logits_from_hidden(config, params, hidden)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+  """Zeroed KV cache {'k', 'v'}: [L, B, max_len, Hkv, Dh] in the compute dtype."""
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "last_only"), donate_argnames=("cache",))
+def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
+                   cache_index: jax.Array, *, last_only: bool = False,
+                   last_index: jax.Array | None = None):
+  """Write T tokens per row at slots cache_index[b].. and return (float32 logits, new cache).
+
+  RoPE positions are the slot indices; a query at slot i attends to slots 0..i of its row (stale
+  slots past i are masked, so padded prefill buckets are harmless). The caller must keep
+  cache_index + T <= max_len (dynamic_update_slice would clamp the write otherwise).
+  With last_only, logits are [B, V] at position last_index[b] (default T-1) of the T new tokens.
+  """
+  b, t = tokens.shape
+  cache_index = cache_index.astype(jnp.int32)
+  positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  model = decoder.merge(config, params)
+  hidden, new_cache = model(tokens, positions, None, cache, cache_index)
+  if last_only:
+    idx = jnp.full((b,), t - 1, jnp.int32) if last_index is None else last_index.astype(jnp.int32)
+    hidden = hidden[jnp.arange(b), idx]
+  return model.logits(hidden), new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _copy_trunk(config, vparams, policy_params):
+  del config
+  return {"trunk": jax.tree.map(lambda p, v: p.astype(v.dtype), policy_params, vparams["trunk"]),
+          "head": vparams["head"]}
+
+
+def init_value_params(config: ModelConfig, rng: jax.Array, policy_params: Params | None = None,
+                      *, mesh: Mesh | None = None) -> Params:
+  """{'trunk': policy-shaped params, 'head': {'kernel' [D], 'bias' []}}; trunk copied if given."""
+  if mesh is None:
+    vparams = _init(config, rng, True)
+  else:
+    out = param_shardings(config, decoder.param_shapes(config, value=True), mesh)
+    vparams = jax.jit(_init, static_argnums=(0, 2), out_shardings=out)(config, rng, True)
+  if policy_params is not None:
+    jax.tree.map(lambda p, v: None if p.shape == v.shape else (_ for _ in ()).throw(
+        ValueError(f"policy param shape {p.shape} != value trunk shape {v.shape}")),
+        policy_params, vparams["trunk"])
+    vparams = _copy_trunk(config, vparams, policy_params)
+  return vparams
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def apply_value(config: ModelConfig, vparams: Params, tokens: jax.Array,
+                attention_mask: jax.Array | None = None,
+                positions: jax.Array | None = None) -> jax.Array:
+  """float32 values [B, T]: the scalar head on the hidden state at each position."""
+  hidden = _hidden(config, vparams["trunk"], tokens, attention_mask, positions)
+  model = decoder.merge(config, vparams, value=True)
+  return model.head(hidden)

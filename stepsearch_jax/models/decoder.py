@@ -1,0 +1,273 @@
+"""The Flax NNX decoder (Qwen2 / Llama family) and the value model built on its trunk.
+
+One module graph serves both paths: ``Decoder.__call__`` without a cache is the full-sequence forward
+(training, log-probs), and with a cache it writes the new keys/values into their slots and attends
+over the cache (prefill, decode, appending tool output). Sampler and trainer therefore share every
+op except the key/value source, so their log-probabilities agree by construction.
+
+Layers are stored stacked (leading ``layers`` axis, created with ``nnx.vmap``) and run with
+``jax.lax.scan``, which keeps compile time flat in depth (a 30-layer model compiles as fast as a
+2-layer one). The KV cache rides in the scan carry and is updated in place (donate it).
+
+Numerics: matmuls in ``config.dtype``, RMSNorm statistics, RoPE, attention softmax and logits in
+float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stepsearch_jax.models.config import ModelConfig
+from stepsearch_jax.models.sharding import constrain
+
+_F32 = jnp.float32
+_NEG = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+
+
+def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> nnx.Param:
+  if init == "normal":
+    value = 0.02 * jax.random.normal(rngs.params(), shape, _F32)
+  elif init == "ones":
+    value = jnp.ones(shape, _F32)
+  else:
+    value = jnp.zeros(shape, _F32)
+  return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, cfg: ModelConfig):
+    self.eps = cfg.rms_norm_eps
+    self.scale = _param(None, (cfg.hidden_size,), cfg.weight_dtype, ("embed",), "ones")
+
+  def __call__(self, x):
+    x32 = x.astype(_F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotate-half RoPE (HF convention) on [B, T, H, Dh] at integer positions [B, T]."""
+  dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=_F32) / dim))
+  freqs = positions.astype(_F32)[..., None] * inv_freq           # [B, T, Dh/2]
+  cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(_F32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; q head h reads kv head h // (H / Hkv), as HF's repeat_kv."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                       cfg.weight_dtype)
+    self.cfg = cfg
+    self.q_kernel = _param(rngs, (d, h, dh), pd, ("embed", "heads", "head_dim"))
+    self.k_kernel = _param(rngs, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"))
+    self.v_kernel = _param(rngs, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"))
+    self.o_kernel = _param(rngs, (h, dh, d), pd, ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.q_bias = _param(None, (h, dh), pd, ("heads", "head_dim"), "zeros")
+      self.k_bias = _param(None, (k, dh), pd, ("kv_heads", "head_dim"), "zeros")
+      self.v_bias = _param(None, (k, dh), pd, ("kv_heads", "head_dim"), "zeros")
+    if cfg.o_bias:
+      self.o_bias = _param(None, (d,), pd, ("embed",), "zeros")
+
+  def _proj(self, x, name):
+    dt = x.dtype
+    y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name + "_kernel")[...].astype(dt))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, name + "_bias")[...].astype(dt)
+    return y
+
+  def __call__(self, x, positions, key_valid, cache, layer):
+    """x [B,T,D]. cache None: keys are these T tokens (causal + key_valid mask).
+
+    cache (k, v, index): write the T new keys at slots index[b]..index[b]+T-1 of layer `layer` and
+    attend over all S slots, query slot i seeing slots <= i.
+    """
+    cfg, dt = self.cfg, x.dtype
+    b, t, _ = x.shape
+    q = rope(self._proj(x, "q"), positions, cfg.rope_theta)
+    k = rope(self._proj(x, "k"), positions, cfg.rope_theta)
+    v = self._proj(x, "v")
+    q = constrain(q, "batch", "length", "heads", "head_dim")
+    if cache is None:
+      keys, values, new_cache = k, v, None
+      q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+      allowed = jnp.arange(t)[None, None, :] <= q_idx[:, :, None]
+      if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].astype(bool)
+    else:
+      k_cache, v_cache, index = cache
+      write = jax.vmap(
+          lambda c, u, i: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, i, 0, 0)),
+          in_axes=(1, 0, 0), out_axes=1)
+      k_cache, v_cache = write(k_cache, k, index), write(v_cache, v, index)
+      keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
+      values = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
+      s = keys.shape[1]
+      q_idx = index[:, None] + jnp.arange(t)[None]
+      allowed = jnp.arange(s)[None, None, :] <= q_idx[:, :, None]
+      new_cache = (k_cache, v_cache, index)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=_F32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dt))
+    if cfg.o_bias:
+      y = y + self.o_bias[...].astype(dt)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+    self.gate_kernel = _param(rngs, (d, f), pd, ("embed", "mlp"))
+    self.up_kernel = _param(rngs, (d, f), pd, ("embed", "mlp"))
+    self.down_kernel = _param(rngs, (f, d), pd, ("mlp", "embed"))
+
+  def __call__(self, x):
+    dt = x.dtype
+    gate = x @ self.gate_kernel[...].astype(dt)
+    up = x @ self.up_kernel[...].astype(dt)
+    hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "mlp")
+    return hidden @ self.down_kernel[...].astype(dt)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, key_valid, cache, layer):
+    y, cache = self.attn(self.attn_norm(x), positions, key_valid, cache, layer)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, "batch", "length", "embed"), cache
+
+
+class Decoder(nnx.Module):
+  """Token embedding, stacked blocks, final norm, (tied or separate) LM head."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype,
+                            ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return Block(cfg, rngs)
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype,
+                            ("embed", "vocab"))
+
+  def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None):
+    """Returns (final-normed hidden [B,T,D], new cache or None)."""
+    cfg = self.cfg
+    x = self.embedding[...].astype(cfg.compute_dtype)[tokens]
+    x = constrain(x, "batch", "length", "embed")
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      x, kv = carry
+      state, layer = xs
+      block = nnx.merge(graphdef, state)
+      cache_arg = None if kv is None else (kv[0], kv[1], cache_index)
+      x, new = block(x, positions, key_valid, cache_arg, layer)
+      return (x, None if new is None else new[:2]), None
+
+    if cfg.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (layer_state, jnp.arange(cfg.num_layers)))
+    new_cache = None if kv is None else {"k": kv[0], "v": kv[1]}
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden):
+    dt = hidden.dtype
+    if self.cfg.tie_word_embeddings:
+      out = jnp.einsum("...d,vd->...v", hidden, self.embedding[...].astype(dt),
+                       preferred_element_type=_F32)
+    else:
+      out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(dt),
+                       preferred_element_type=_F32)
+    return out.astype(_F32)
+
+
+class ValueHead(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kernel = _param(rngs, (cfg.hidden_size,), _F32, ("embed",))
+    self.bias = _param(None, (), _F32, (), "zeros")
+
+  def __call__(self, hidden):
+    return hidden.astype(_F32) @ self.kernel[...] + self.bias[...]
+
+
+class ValueModel(nnx.Module):
+  """The policy's trunk plus a scalar head (verl's critic: value of every position)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.trunk = Decoder(cfg, rngs)
+    self.head = ValueHead(cfg, rngs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-dict plumbing: graph definitions are built once per config (abstractly, no FLOPs).
+
+
+@functools.lru_cache(maxsize=None)
+def graph(config: ModelConfig, value: bool = False):
+  """(graphdef, abstract state) of the policy (or value) model for this config."""
+  cls = ValueModel if value else Decoder
+  abstract = nnx.eval_shape(lambda: cls(config, nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def merge(config: ModelConfig, params: Any, value: bool = False):
+  """An NNX module view of a pure-dict params pytree (works on tracers inside jit)."""
+  graphdef, _ = graph(config, value)
+  return nnx.merge(graphdef, params)
+
+
+def _nested(pairs):
+  out: dict = {}
+  for path, leaf in pairs:
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _logical_axes(config: ModelConfig, value: bool):
+  _, state = graph(config, value)
+  return [(tuple(path), tuple(var.get_metadata().get("out_sharding") or ()))
+          for path, var in nnx.to_flat_state(state)]
+
+
+def logical_axes(config: ModelConfig, value: bool = False) -> dict:
+  """Pure-dict pytree (same structure as params) of logical axis-name tuples."""
+  return _nested(_logical_axes(config, value))
+
+
+def param_shapes(config: ModelConfig, value: bool = False) -> dict:
+  """Pure-dict pytree of jax.ShapeDtypeStruct for the params."""
+  _, state = graph(config, value)
+  return _nested((tuple(path), jax.ShapeDtypeStruct(var.shape, var.dtype))
+                 for path, var in nnx.to_flat_state(state))
