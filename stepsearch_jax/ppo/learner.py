@@ -1,0 +1,188 @@
+"""Learner: the PPO side of one training step behind four calls (see stepsearch_jax/ppo/__init__.py).
+
+It owns the sharded train state (policy, critic, both optimizer states, update count), the frozen
+reference params, and the three compiled functions (prepare, advantages, update). Everything between
+`prepare` and `update` stays on device in the [N, micro, ...] layout; only metrics come back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from stepsearch_jax.models.sharding import logical_sharding, param_shardings
+from stepsearch_jax.ppo import algorithms, batch as batch_lib
+from stepsearch_jax.ppo.logprobs import make_prepare_fn
+from stepsearch_jax.ppo.update import (UpdateParams, make_optimizer, make_update_fn,
+                                       opt_state_shardings)
+
+
+class Learner:
+  """See module docstring. Build with :func:`make_learner`."""
+
+  def __init__(self, cfg, policy_config, policy_params, critic_params, ref_params, mesh: Mesh,
+               critic_config=None):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.algorithm = algorithms.get_algorithm(cfg.algo.name)
+    self.policy_config = policy_config
+    self.critic_config = critic_config or policy_config
+    if self.algorithm.uses_critic and critic_params is None:
+      raise ValueError(f"config.algo.name={cfg.algo.name!r} trains a critic: pass critic_params")
+    if not self.algorithm.uses_critic:
+      critic_params = None
+    self.adv_params = algorithms.AdvantageParams.from_config(cfg.algo)
+    self.update_params = UpdateParams.from_config(cfg)
+    self.micro = int(cfg.algo.micro_batch)
+    self.mini = int(cfg.algo.mini_batch)
+    if self.mini % self.micro:
+      raise ValueError(f"config.algo.micro_batch={self.micro} must divide "
+                       f"config.algo.mini_batch={self.mini}")
+    rows = int(cfg.data.batch_size) * int(cfg.rollout.n)
+    updates_per_step = max(rows // self.mini, 1) * int(cfg.algo.ppo_epochs)
+    self.actor_tx, self.actor_schedule = make_optimizer(
+        float(cfg.optim.actor_lr), int(cfg.optim.actor_warmup), cfg.optim, updates_per_step)
+    self.critic_tx, self.critic_schedule = make_optimizer(
+        float(cfg.optim.critic_lr), int(cfg.optim.critic_warmup), cfg.optim, updates_per_step)
+    shards = max(int(mesh.shape["data"]) * int(mesh.shape["fsdp"]), 1)
+    if self.micro % shards:
+      logging.warning("algo.micro_batch=%d is not a multiple of data*fsdp=%d: batch rows are not "
+                      "sharded", self.micro, shards)
+
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    pol_sh = param_shardings(policy_config, policy_params, mesh)
+    cri_sh = (param_shardings(self.critic_config, critic_params, mesh)
+              if critic_params is not None else None)
+    self.ref_params = (jax.device_put(ref_params, pol_sh) if ref_params is not None else None)
+    # Copies (may_alias=False): the update donates its state, and the caller may still hold these
+    # params (e.g. the rollout engine).
+    policy_params = jax.device_put(policy_params, pol_sh, may_alias=False)
+    state = {"policy": policy_params,
+             "policy_opt": self._init_opt(self.actor_tx, policy_params, pol_sh),
+             "critic": None, "critic_opt": None,
+             "step": jax.device_put(np.zeros((), np.int32), self.replicated)}
+    if critic_params is not None:
+      critic_params = jax.device_put(critic_params, cri_sh, may_alias=False)
+      state["critic"] = critic_params
+      state["critic_opt"] = self._init_opt(self.critic_tx, critic_params, cri_sh)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    self.state = state
+    self._prepare_fns: dict = {}
+    self._update_fns: dict = {}
+    self._adv_fn = None
+
+  # ----------------------------------------------------------------------------------- plumbing
+  def _init_opt(self, tx, params, shardings):
+    shapes = jax.eval_shape(tx.init, params)
+    out = opt_state_shardings(tx, shapes, shardings, self.mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)
+
+  def batch_shardings(self, batch: batch_lib.PPOBatch):
+    """[N, micro, ...] arrays: micro axis over ('data', 'fsdp'), the rest unsharded."""
+    def one(x):
+      names = (None, "batch") + (None,) * (x.ndim - 2)
+      return logical_sharding(self.mesh, *names, shape=x.shape)
+    return jax.tree.map(one, batch)
+
+  def to_device(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
+    """Host PPOBatch [B, ...] -> sharded device batch [B // micro, micro, ...] (idempotent)."""
+    if batch.tokens.ndim == 3:
+      return batch
+    B = batch.tokens.shape[0]
+    if B % self.mini:
+      raise ValueError(f"batch of {B} rows is not a multiple of config.algo.mini_batch={self.mini}")
+    stacked = batch_lib.stack_micro(jax.tree.map(np.asarray, batch), self.micro)
+    return jax.device_put(stacked, self.batch_shardings(stacked))
+
+  # ----------------------------------------------------------------------------------- public API
+  def make_batch(self, trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
+                 **kwargs) -> batch_lib.PPOBatch:
+    """batch.make_batch after the algorithm's reward shaping (outcome-only for ppo/grpo)."""
+    shaped = [self.algorithm.shape_rewards(r, len(t.response_ids))
+              for t, r in zip(trajectories, token_rewards)]
+    return batch_lib.make_batch(trajectories, shaped, **kwargs)
+
+  def prepare(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
+    """Old log-probs, reference log-probs and values in one jitted pass (device batch out)."""
+    batch = self.to_device(batch)
+    key = jax.tree.map(lambda x: (x.shape, x.dtype), batch)
+    key = tuple(jax.tree.leaves(key))
+    if key not in self._prepare_fns:
+      shardings = {"policy": self.state_shardings["policy"], "critic": self.state_shardings["critic"],
+                   "ref": self.state_shardings["policy"] if self.ref_params is not None else None,
+                   "batch": self.batch_shardings(batch)}
+      self._prepare_fns[key] = make_prepare_fn(self.policy_config, self.critic_config,
+                                               self.update_params.temperature, shardings)
+    with jax.set_mesh(self.mesh):
+      return self._prepare_fns[key](self.state["policy"], self.ref_params, self.state["critic"],
+                                    batch)
+
+  def advantages(self, batch: batch_lib.PPOBatch) -> tuple[batch_lib.PPOBatch, dict]:
+    """KL-in-reward + the algorithm's advantage estimator; returns (batch, metrics as floats)."""
+    batch = self.to_device(batch)
+    if self._adv_fn is None:
+      def fn(b):
+        adv, ret, metrics = self.algorithm.advantages(b, self.adv_params)
+        return b.replace(advantages=adv, returns=ret), metrics
+      self._adv_fn = jax.jit(fn)
+    with jax.set_mesh(self.mesh):
+      batch, metrics = self._adv_fn(batch)
+    return batch, {k: float(v) for k, v in metrics.items()}
+
+  def update(self, batch: batch_lib.PPOBatch) -> dict:
+    """ppo_epochs passes over the mini-batches in order (no shuffling, as released); returns the
+    mean of each metric over all mini-batch updates."""
+    batch = self.to_device(batch)
+    n_micro = self.mini // self.micro
+    n_mini = batch.tokens.shape[0] // n_micro
+    key = (n_micro,) + tuple(x.shape for x in jax.tree.leaves(batch))
+    if key not in self._update_fns:
+      shardings = {"state": self.state_shardings, "batch": self.batch_shardings(batch),
+                   "replicated": self.replicated}
+      self._update_fns[key] = make_update_fn(
+          self.policy_config, self.critic_config, self.update_params, self.actor_tx,
+          self.critic_tx, self.actor_schedule, self.critic_schedule, n_micro, shardings)
+    fn = self._update_fns[key]
+    all_metrics = []
+    with jax.set_mesh(self.mesh):
+      for _ in range(int(self.cfg.algo.ppo_epochs)):
+        for i in range(n_mini):
+          self.state, m = fn(self.state, batch, np.int32(i))
+          all_metrics.append(m)
+    all_metrics = jax.device_get(all_metrics)
+    return {k: float(np.mean([m[k] for m in all_metrics])) for k in all_metrics[0]}
+
+  @property
+  def policy_params(self):
+    return self.state["policy"]
+
+  @property
+  def critic_params(self):
+    return self.state["critic"]
+
+  @property
+  def step(self) -> int:
+    """Optimizer updates applied so far (mini-batch updates, all epochs)."""
+    return int(self.state["step"])
+
+  def abstract_state(self):
+    """ShapeDtypeStruct tree with shardings: the restore target for checkpoint.restore."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        self.state)
+
+  def load_state(self, state) -> None:
+    """Install a restored state (same structure as .state), re-placed onto this learner's mesh."""
+    if jax.tree.structure(state) != jax.tree.structure(self.state):
+      raise ValueError("restored learner state does not match this learner's state structure "
+                       "(different algorithm / critic?)")
+    self.state = jax.device_put(state, self.state_shardings, may_alias=False)
+
+
+def make_learner(cfg, policy_params, critic_params, ref_params, mesh: Mesh, *, policy_config,
+                 critic_config=None) -> Learner:
+  """Build a Learner; params may be host or device arrays (they are placed on `mesh`)."""
+  return Learner(cfg, policy_config, policy_params, critic_params, ref_params, mesh, critic_config)
