@@ -1,0 +1,60 @@
+"""Prompt templates (method §1.1), written in our own words.
+
+``think`` (default) follows the format of the paper's figures and case studies: reasoning in
+``<think>``, one query per ``<search>``, results in ``<information>``, the final answer in
+``<answer>``. ``plan`` follows the released MuSiQue data script: ``<plan>`` / ``<observation>``
+around the same search and answer tags. Only ``<search>`` and ``<answer>`` drive the environment;
+the other tags are never parsed or rewarded. The question is stripped and gets a ``?`` when it
+lacks one, as the released script does.
+"""
+
+from __future__ import annotations
+
+THINK = (
+    "Answer the question below. Think inside <think> and </think> before each step and whenever "
+    "you receive new information. The question may need several searches, so begin by listing the "
+    "sub-questions or keywords to look up. Search for one thing at a time by writing "
+    "<search> query </search>; the top results will be returned between <information> and "
+    "</information>. You may search as many times as you need and change your plan as you learn. "
+    "When nothing more is needed, give only the final answer inside <answer> and </answer>, with "
+    "no explanation, for example <think> plan: (Q1) ... (Q2) ... </think> <search> Q1 </search> "
+    "<think> what the results show ... </think> <answer> Beijing </answer>. "
+    "The Question you need to answer: {question}\n")
+
+PLAN = (
+    "## Background\nYou are a careful research assistant who can call a search engine. Before "
+    "acting, decide on your research plan or on what to look up next.\n"
+    "## Response format\n"
+    "1. Write your plan inside <plan> and </plan>, at the start and after every observation.\n"
+    "2. When knowledge is missing, search with <search> search keyword </search>; the results "
+    "come back between <information> and </information>.\n"
+    "3. For the retrieved documents, write what you learned inside <observation> and "
+    "</observation>, e.g. Based on the retrieved information, Doc1 ...; Doc2 ...; Doc3 ...;\n"
+    "4. When no more knowledge is needed, give the answer directly inside <answer> and </answer> "
+    "with no explanation, e.g. <answer> Beijing </answer>.\n"
+    "Repeat plan -> search -> information -> observation -> plan until you can answer. "
+    "Question: {question}\n")
+
+TEMPLATES = {"think": THINK, "plan": PLAN}
+
+
+def clean_question(question: str) -> str:
+  """Strip, and end with '?' (as the released data script does)."""
+  q = question.strip()
+  return q if q.endswith("?") else q + "?"
+
+
+def make_prompt(question: str, template: str = "think") -> str:
+  """The user-message text for `question` under the named template."""
+  if template not in TEMPLATES:
+    raise ValueError(f"template {template!r} is not one of {sorted(TEMPLATES)}")
+  return TEMPLATES[template].format(question=clean_question(question))
+
+
+def question_from_prompt(content: str) -> str | None:
+  """Recover the question from a prompt written by either template (None if not found)."""
+  for marker in ("The Question you need to answer:", "Question:"):
+    at = content.rfind(marker)
+    if at >= 0:
+      return content[at + len(marker):].strip()
+  return None
