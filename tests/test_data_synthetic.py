@@ -115,3 +115,10 @@ def test_world_from_config(tmp_path):
   cfg.num_people, cfg.num_train, cfg.num_test = 30, 8, 4
   out = synthetic.world_from_config(cfg, str(tmp_path))
   assert len(load_records(out["train"])) == 8
+
+
+def test_world_and_rewards_import_without_jax():
+  code = ("import sys; import stepsearch_jax.data.synthetic, stepsearch_jax.data.musique, "
+          "stepsearch_jax.rewards; assert 'jax' not in sys.modules, 'jax imported'")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr

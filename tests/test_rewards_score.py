@@ -224,3 +224,24 @@ def test_preset_errors():
           [{"title": "t"}])
   assert RewardConfig.from_config({"preset": "released"}).effective_step_scale == pytest.approx(1.6)
   assert RewardConfig.from_config({"preset": "paper"}).effective_step_scale == pytest.approx(0.6)
+
+
+def test_rank_label_enters_tfidf_only_in_released():
+  # gold 1 comes back verbatim at rank 1 of 2: released compares "<text>\nDoc 2" (cos < 1)
+  text = ("<search> q </search>" + info(("Vorna Kelthis", G1), ("Dask Morrel", X1)) +
+          "<answer> Drumlow </answer>")
+  support = SUPPORT[:1]
+  assert score(text, {"target": "Drumlow"}, support, "paper").info_gains[0] == pytest.approx(1.0)
+  rel = score(text, {"target": "Drumlow"}, support, "released").info_gains[0]
+  assert 0.8 < rel < 0.999
+
+
+def test_from_config_reads_the_config_section():
+  from stepsearch_jax.config import base_config
+  cfg = base_config()
+  assert RewardConfig.from_config(cfg.reward) == RewardConfig.preset("paper")
+  cfg.reward.preset = "released"
+  cfg.reward.key_weight = 0.5
+  rc = RewardConfig.from_config(cfg.reward)
+  assert rc.name == "released" and rc.key_weight == 0.5 and rc.round_f1 == 4
+  assert rc.effective_step_scale == pytest.approx(1.6)
