@@ -122,3 +122,19 @@ def test_world_and_rewards_import_without_jax():
           "stepsearch_jax.rewards; assert 'jax' not in sys.modules, 'jax imported'")
   p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr
+
+
+def test_information_block_matches_rollout_formatter(world_dir):
+  retriever = pytest.importorskip("stepsearch_jax.rollout.retriever")
+  docs = world_dir[0]["world"].search("Silver Ferry director", 3)
+  assert synthetic.format_information(docs) == retriever.format_information(docs)
+
+
+def test_demonstration_segments_mark_model_text(world_dir):
+  world = world_dir[0]["world"]
+  r = load_records(world_dir[0]["train"])[0]
+  turns = synthetic.demonstration(r, world)
+  segs, steps = synthetic.demonstration_segments(turns, world.search)
+  assert [m for _, m in segs] == [True, False] * len(r.search_keys) + [True]
+  assert all(t.startswith("\n\n<information>") for t, m in segs if not m)
+  assert "".join(t for t, _ in segs) == synthetic.render_demonstration(turns, world.search)[0]

@@ -245,3 +245,13 @@ def test_from_config_reads_the_config_section():
   rc = RewardConfig.from_config(cfg.reward)
   assert rc.name == "released" and rc.key_weight == 0.5 and rc.round_f1 == 4
   assert rc.effective_step_scale == pytest.approx(1.6)
+
+
+def test_numpy_shaped_ground_truth_from_parquet():
+  text = "<search> drumlow country </search>" + info(("Drumlow", G2)) + "<answer> Velmar </answer>"
+  gt = {"target": np.array(["Velmar"], dtype=object),
+        "search_keys": np.array([np.array(["drumlow country"], dtype=object)], dtype=object)}
+  docs = np.array([{"title": "Drumlow", "paragraph_text": G2}], dtype=object)
+  for preset in ("paper", "released"):
+    r = score(text, gt, docs, preset)
+    assert (r.answer_f1, r.search_key_score) == (1.0, 1.0) and r.info_gains == pytest.approx([1.0])

@@ -369,20 +369,28 @@ def demonstration(record: Record, world: World, quality: float = 1.0,
   return turns
 
 
-def render_demonstration(turns: Sequence[dict], search_fn, topk: int = 3) -> tuple[str, list]:
-  """Join turns into one response text, inserting ``search_fn(query, topk)`` results (§1.4).
+def demonstration_segments(turns: Sequence[dict], search_fn, topk: int = 3
+                           ) -> tuple[list[tuple[str, bool]], list]:
+  """Turns as (text, is_model) segments with ``search_fn(query, topk)`` results inserted (§1.4).
 
-  Returns (response_text, retrieved rows per search step).
+  Tokenise each segment and set the loss mask to `is_model` to get a warm-start example whose
+  inserted ``<information>`` text is context only. Returns (segments, retrieved rows per step).
   """
-  parts, steps = [], []
+  segments, steps = [], []
   for turn in turns:
     if turn["kind"] == "model":
-      parts.append(turn["text"])
+      segments.append((turn["text"], True))
     else:
       docs = list(search_fn(turn["query"], topk))
       steps.append(docs)
-      parts.append(format_information(docs))
-  return "".join(parts), steps
+      segments.append((format_information(docs), False))
+  return segments, steps
+
+
+def render_demonstration(turns: Sequence[dict], search_fn, topk: int = 3) -> tuple[str, list]:
+  """Join turns into one response text (as the reward reads it); returns (text, rows per step)."""
+  segments, steps = demonstration_segments(turns, search_fn, topk)
+  return "".join(t for t, _ in segments), steps
 
 
 def main(argv=None) -> None:

@@ -140,7 +140,7 @@ def score(response_text: str, ground_truth: Mapping[str, Any],
   if not cfg.docs_by_rank:
     step_docs = [[steps_lib.strip_doc_label(d) for d in docs] for docs in step_docs]
   golds = []
-  for i, doc in enumerate(support_docs or []):
+  for i, doc in enumerate(support_docs if support_docs is not None else []):
     if "paragraph_text" not in doc:
       raise KeyError(f"support_docs[{i}] has no 'paragraph_text' field")
     golds.append(str(doc["paragraph_text"]))
