@@ -36,7 +36,9 @@ def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> n
     value = jnp.ones(shape, _F32)
   else:
     value = jnp.zeros(shape, _F32)
-  return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+  # A private metadata key (not flax's out_sharding): flax would otherwise try to resolve the
+  # logical names against whatever mesh is active when the model is built.
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -167,7 +169,8 @@ class Decoder(nnx.Module):
                             ("vocab", "embed"))
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers",
+                                                  "logical_axes": "layers"})
     def make_layers(rngs):
       return Block(cfg, rngs)
     self.layers = make_layers(rngs)
@@ -179,7 +182,11 @@ class Decoder(nnx.Module):
   def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None):
     """Returns (final-normed hidden [B,T,D], new cache or None)."""
     cfg = self.cfg
-    x = self.embedding[...].astype(cfg.compute_dtype)[tokens]
+    # Gather from a table replicated across the mesh (FSDP all-gathers it like any weight): a
+    # gather from a vocab/embed-sharded table into a batch-sharded result has no efficient SPMD
+    # lowering and would be fully rematerialised.
+    table = constrain(self.embedding[...], None, None)
+    x = table.astype(cfg.compute_dtype)[tokens]
     x = constrain(x, "batch", "length", "embed")
     graphdef, layer_state = nnx.split(self.layers)
 
@@ -257,7 +264,7 @@ def _nested(pairs):
 @functools.lru_cache(maxsize=None)
 def _logical_axes(config: ModelConfig, value: bool):
   _, state = graph(config, value)
-  return [(tuple(path), tuple(var.get_metadata().get("out_sharding") or ()))
+  return [(tuple(path), tuple(var.get_metadata().get("logical_axes") or ()))
           for path, var in nnx.to_flat_state(state)]
 
 
