@@ -1,13 +1,15 @@
 """Join JAX's multi-host runtime when the process is one of several (TPU pod, GPU nodes, CPU hosts).
 
-The same ``python -m stepsearch_jax.train`` runs on one machine and on many; :func:`maybe_initialize`
-(called first thing in train) decides from the environment whether this process is part of a
-multi-process job and, if so, calls ``jax.distributed.initialize()`` before any JAX backend exists.
+The same ``python -m stepsearch_jax.train`` runs on one machine and on many;
+:func:`maybe_initialize` (called first thing in train) decides from the environment whether this
+process is part of a multi-process job and, if so, calls ``jax.distributed.initialize()`` before
+any JAX backend exists.
 It must run before the first ``jax.devices()``: after that, joining is impossible and we say so.
 
 Sources, first match wins:
-  * explicit arguments, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
-    (``SLURM_NTASKS`` / ``SLURM_PROCID`` fill the count and id when only the address is given);
+  * explicit arguments, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` (``SLURM_NTASKS`` / ``SLURM_PROCID`` fill the count and id when only the
+    address is given);
   * SLURM (``SLURM_JOB_ID`` with ``SLURM_NTASKS`` > 1) and Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1):
     JAX's own cluster detection finds coordinator, count and id;
   * TPU pods: ``TPU_WORKER_HOSTNAMES`` with several hosts or ``MEGASCALE_COORDINATOR_ADDRESS``; on a
@@ -153,7 +155,8 @@ def _check() -> dict:
   mesh = jax.make_mesh((jax.device_count(),), ("d",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   local = np.full((jax.local_device_count(),), index + 1, np.float32)
-  arr = multihost_utils.host_local_array_to_global_array(local, mesh, jax.sharding.PartitionSpec("d"))
+  arr = multihost_utils.host_local_array_to_global_array(local, mesh,
+                                                         jax.sharding.PartitionSpec("d"))
   total = jax.jit(lambda x: x.sum(), in_shardings=sharding)(arr)
   return dict(process_index=index, process_count=count, idempotent=again == (index, count),
               local_devices=jax.local_device_count(), global_devices=jax.device_count(),
