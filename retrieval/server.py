@@ -1,0 +1,383 @@
+"""Search-R1/StepSearch-compatible retrieval server over a built index directory.
+
+  python -m retrieval.server --index DIR [--host 127.0.0.1] [--port 8000] [--token T]
+
+POST /retrieve `{"queries": [str], "topk": int, "return_scores": bool}` ->
+`{"result": [[{"document": <corpus row as stored>, "score": float}]]}` (scores are always sent,
+as in StepSearch's server). GET /health returns the index fingerprint, sizes and limits.
+
+Concurrency model: uvicorn's event loop parses and validates requests and answers cache hits
+directly. Misses go onto a queue drained by ONE worker thread; each time the worker wakes it takes
+everything queued (up to `max_batch` queries) and runs one encode + search for all of it, so 32
+clients sending one query each cost a few batched model calls, not 32 sequential ones. JAX, FAISS
+and the tokenizer release the GIL, so the loop keeps accepting requests meanwhile. The response
+body is assembled from the corpus lines' raw bytes, so documents come back exactly as stored.
+
+The LRU cache is keyed by (whitespace-normalised query, topk). Whitespace normalisation cannot
+change results: BERT and bm25s tokenizers split on whitespace. (The released cache ignored topk.)
+"""
+
+import argparse
+import asyncio
+import collections
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Sequence
+
+LOOPBACK = "127.0.0.1"
+
+
+
+
+class Limits:
+  """Request limits; anything beyond them is refused with a 4xx that says which limit."""
+
+  def __init__(self, max_queries: int = 1024, max_query_chars: int = 4096, max_topk: int = 100,
+               max_body_bytes: int = 8 << 20):
+    self.max_queries = max_queries
+    self.max_query_chars = max_query_chars
+    self.max_topk = max_topk
+    self.max_body_bytes = max_body_bytes
+
+  def as_dict(self) -> dict:
+    return dict(vars(self))
+
+
+class RequestError(Exception):
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+    self.message = message
+
+
+def normalize_query(q: str) -> str:
+  return " ".join(q.split())
+
+
+def parse_request(body: bytes, limits: Limits, default_topk: int) -> tuple[list[str], int]:
+  """Validate a /retrieve body; returns (normalised queries, topk) or raises RequestError."""
+  try:
+    text = body.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RequestError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+  try:
+    req = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RequestError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}") from None
+  if not isinstance(req, dict):
+    raise RequestError(422, f"request body must be a JSON object, got {type(req).__name__}")
+  if "queries" not in req:
+    raise RequestError(422, "field 'queries' is required (a list of strings)")
+  queries = req["queries"]
+  if not isinstance(queries, list):
+    raise RequestError(422, f"field 'queries' must be a list of strings, got "
+                            f"{type(queries).__name__}")
+  if not queries:
+    raise RequestError(422, "field 'queries' is empty")
+  if len(queries) > limits.max_queries:
+    raise RequestError(413, f"{len(queries)} queries in one request; the limit is "
+                            f"{limits.max_queries}")
+  out = []
+  for i, q in enumerate(queries):
+    if not isinstance(q, str):
+      raise RequestError(422, f"queries[{i}] must be a string, got {type(q).__name__}")
+    try:
+      q.encode("utf-8")
+    except UnicodeEncodeError:
+      raise RequestError(422, f"queries[{i}] is not valid UTF-8 (lone surrogate escape)") from None
+    if len(q) > limits.max_query_chars:
+      raise RequestError(413, f"queries[{i}] has {len(q)} characters; the limit is "
+                              f"{limits.max_query_chars}")
+    nq = normalize_query(q)
+    if not nq:
+      raise RequestError(422, f"queries[{i}] is empty or only whitespace")
+    out.append(nq)
+  topk = req.get("topk", default_topk)
+  if type(topk) is not int:
+    raise RequestError(422, f"field 'topk' must be an integer, got {type(topk).__name__}")
+  if not 1 <= topk <= limits.max_topk:
+    raise RequestError(422, f"field 'topk'={topk} must be between 1 and {limits.max_topk}")
+  if "return_scores" in req and not isinstance(req["return_scores"], bool):
+    raise RequestError(422, "field 'return_scores' must be a boolean")
+  return out, topk
+
+
+class Batcher:
+  """One worker thread that turns whatever requests are queued into one search_many call."""
+
+  def __init__(self, searcher, max_batch: int = 256, start: bool = True):
+    self.searcher = searcher
+    self.max_batch = max_batch
+    self.batches = 0
+    self.batched_queries = 0
+    self._queue: queue.Queue = queue.Queue()
+    self._thread = threading.Thread(target=self._run, name="retrieval-batcher", daemon=True)
+    if start:
+      self._thread.start()
+
+  def start(self) -> None:
+    self._thread.start()
+
+  async def submit(self, queries: list[str], topk: int) -> list:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    self._queue.put((queries, topk, fut, loop))
+    return await fut
+
+  def _run(self) -> None:
+    while True:
+      items = [self._queue.get()]
+      n = len(items[0][0])
+      while n < self.max_batch:
+        try:
+          items.append(self._queue.get_nowait())
+        except queue.Empty:
+          break
+        n += len(items[-1][0])
+      queries = [q for it in items for q in it[0]]
+      topks = [it[1] for it in items for _ in it[0]]
+      try:
+        rows = self.searcher.search_many(queries, topks)
+        self.batches += 1
+        self.batched_queries += len(queries)
+      except Exception as e:  # noqa: BLE001  (reported to each waiting request as a 500)
+        for _, _, fut, loop in items:
+          loop.call_soon_threadsafe(_set, fut, None, e)
+        continue
+      start = 0
+      for qs, _, fut, loop in items:
+        loop.call_soon_threadsafe(_set, fut, rows[start:start + len(qs)], None)
+        start += len(qs)
+
+
+def _set(fut: asyncio.Future, result, exc) -> None:
+  if fut.done():
+    return
+  if exc is not None:
+    fut.set_exception(exc)
+  else:
+    fut.set_result(result)
+
+
+class LRU:
+
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self.data: collections.OrderedDict = collections.OrderedDict()
+    self.hits = self.misses = 0
+
+  def get(self, key):
+    v = self.data.get(key)
+    if v is None:
+      self.misses += 1
+    else:
+      self.hits += 1
+      self.data.move_to_end(key)
+    return v
+
+  def put(self, key, value) -> None:
+    if self.capacity <= 0:
+      return
+    self.data[key] = value
+    self.data.move_to_end(key)
+    while len(self.data) > self.capacity:
+      self.data.popitem(last=False)
+
+
+def create_app(searcher, limits: Limits | None = None, token: str | None = None,
+               cache_size: int = 50_000, default_topk: int = 3, max_batch: int = 256):
+  """The FastAPI app; `searcher` is a retrieval.searcher.Searcher (already warmed up)."""
+  from fastapi import FastAPI, Request
+  from fastapi.responses import JSONResponse, Response
+
+  limits = limits or Limits()
+  app = FastAPI(title="stepsearch_jax retrieval", docs_url=None, redoc_url=None)
+  batcher = Batcher(searcher, max_batch)
+  cache = LRU(cache_size)
+  corpus = searcher.corpus
+  expected_auth = f"Bearer {token}".encode() if token else None
+  app.state.batcher, app.state.cache, app.state.searcher = batcher, cache, searcher
+
+  def error(status: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+  def authorised(request: Request) -> bool:
+    if expected_auth is None:
+      return True
+    got = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(got, expected_auth)
+
+  async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+      if not declared.isdigit():
+        raise RequestError(400, "invalid Content-Length header")
+      if int(declared) > limits.max_body_bytes:
+        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of "
+                                f"{limits.max_body_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > limits.max_body_bytes:
+        raise RequestError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+      chunks.append(chunk)
+    return b"".join(chunks)
+
+  def fragment(ids, scores) -> bytes:
+    """One query's result list as JSON bytes, splicing in each stored corpus line verbatim."""
+    parts = [b'{"document": ' + corpus.raw(int(i)) + b', "score": ' +
+             json.dumps(float(s)).encode() + b"}" for i, s in zip(ids, scores) if i >= 0]
+    return b"[" + b", ".join(parts) + b"]"
+
+  @app.post("/retrieve")
+  async def retrieve(request: Request):
+    if not authorised(request):
+      return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+    try:
+      queries, topk = parse_request(await read_body(request), limits, default_topk)
+    except RequestError as e:
+      return error(e.status, e.message)
+    frags: list = [cache.get((q, topk)) for q in queries]
+    missing = list(dict.fromkeys(q for q, f in zip(queries, frags) if f is None))
+    if missing:
+      try:
+        rows = await batcher.submit(missing, topk)
+      except Exception as e:  # noqa: BLE001
+        return error(500, f"search failed: {type(e).__name__}: {e}")
+      fresh = {}
+      for q, (ids, scores) in zip(missing, rows):
+        fresh[q] = fragment(ids, scores)
+        cache.put((q, topk), fresh[q])
+      frags = [f if f is not None else fresh[q] for q, f in zip(queries, frags)]
+    return Response(b'{"result": [' + b", ".join(frags) + b"]}", media_type="application/json")
+
+  @app.get("/health")
+  async def health(request: Request):
+    if not authorised(request):
+      return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+    m = searcher.manifest
+    return {"status": "ok", "fingerprint": m["fingerprint"], "index_type": m["index_type"],
+            "num_passages": m["num_passages"], "dim": m["dim"],
+            "corpus_sha256": m["corpus_sha256"],
+            "encoder": None if searcher.encoder is None else {
+                "name": m["encoder"]["name"], "dtype": searcher.encoder.dtype},
+            "limits": limits.as_dict(), "default_topk": default_topk,
+            "cache": {"entries": len(cache.data), "hits": cache.hits, "misses": cache.misses},
+            "batches": batcher.batches, "batched_queries": batcher.batched_queries}
+
+  return app
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description="Search-R1-compatible retrieval server.")
+  p.add_argument("--index", required=True, help="index directory from retrieval.build_index")
+  p.add_argument("--host", default=LOOPBACK)
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--token", default=os.environ.get("RETRIEVAL_TOKEN") or None,
+                 help="require 'Authorization: Bearer TOKEN' (default: $RETRIEVAL_TOKEN)")
+  p.add_argument("--corpus", default=None, help="corpus path if it moved since the build")
+  p.add_argument("--encoder", default=None, help="encoder folder if it moved since the build")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="query encoder dtype (default: the dtype the passages were encoded with)")
+  p.add_argument("--topk", type=int, default=3, help="topk when a request omits it")
+  p.add_argument("--max_batch", type=int, default=256, help="queries per micro-batch")
+  p.add_argument("--cache_size", type=int, default=50_000, help="LRU entries; 0 disables")
+  p.add_argument("--max_queries", type=int, default=1024)
+  p.add_argument("--max_query_chars", type=int, default=4096)
+  p.add_argument("--max_topk", type=int, default=100)
+  p.add_argument("--max_body_bytes", type=int, default=8 << 20)
+  p.add_argument("--faiss_threads", type=int, default=None)
+  p.add_argument("--warmup_batch", type=int, default=64,
+                 help="compile encoder batch shapes up to this size before serving (0: none)")
+  p.add_argument("--log_level", default="warning")
+  a = p.parse_args(argv)
+  if not is_loopback(a.host) and not a.token:
+    print(f"WARNING: serving on {a.host} without --token: anyone who can reach this port can "
+          "query the index", file=sys.stderr)
+  from retrieval.encoder import enable_compilation_cache
+  from retrieval.searcher import Searcher
+  import uvicorn
+  enable_compilation_cache()
+  t0 = time.time()
+  searcher = Searcher(a.index, encoder=a.encoder, dtype=a.dtype, corpus=a.corpus,
+                      max_batch=a.max_batch, faiss_threads=a.faiss_threads)
+  searcher.warmup(a.warmup_batch)
+  print(f"retrieval server: index {a.index} ({searcher.manifest['num_passages']} passages, "
+        f"{searcher.index_type}, fingerprint {searcher.fingerprint}) ready in "
+        f"{time.time() - t0:.1f}s on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
+  app = create_app(searcher, Limits(a.max_queries, a.max_query_chars, a.max_topk,
+                                    a.max_body_bytes), a.token, a.cache_size, a.topk, a.max_batch)
+  uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+  return 0
+
+
+def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBACK,
+                     token: str | None = None, timeout_s: float = 300.0,
+                     extra_args: Sequence[str] = (), env: dict | None = None
+                     ) -> tuple[subprocess.Popen, str]:
+  """Start `python -m retrieval.server` and wait until /health answers; returns (proc, url).
+
+  Stop it with proc.terminate(). The server's output goes to `proc.log_path`, whose tail is put
+  into the error if the server dies or does not come up within `timeout_s`.
+  """
+  import httpx
+  if port is None:
+    import portpicker
+    port = portpicker.pick_unused_port()
+  url = f"http://{host}:{port}"
+  log = tempfile.NamedTemporaryFile("w+b", prefix="retrieval_server_", suffix=".log", delete=False)
+  cmd = [sys.executable, "-m", "retrieval.server", "--index", index_dir, "--host", host,
+         "--port", str(port), *extra_args]
+  if token:
+    cmd += ["--token", token]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc_env = {**os.environ, **(env or {})}
+  proc_env["PYTHONPATH"] = root + os.pathsep + proc_env.get("PYTHONPATH", "")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
+  proc.log_path = log.name
+  headers = {"Authorization": f"Bearer {token}"} if token else {}
+  deadline = time.time() + timeout_s
+
+  def tail() -> str:
+    with open(log.name, "rb") as f:
+      return f.read()[-3000:].decode("utf-8", "replace")
+
+  while True:
+    if proc.poll() is not None:
+      raise RuntimeError(f"retrieval server exited with code {proc.returncode} before answering "
+                         f"{url}/health; log {log.name}:\n{tail()}")
+    try:
+      r = httpx.get(f"{url}/health", headers=headers, timeout=2.0)
+      if r.status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      pass
+    if time.time() > deadline:
+      proc.terminate()
+      raise TimeoutError(f"retrieval server at {url} not healthy after {timeout_s}s; log "
+                         f"{log.name}:\n{tail()}")
+    time.sleep(0.2)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

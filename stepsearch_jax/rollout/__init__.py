@@ -1,0 +1,1 @@
+"""Multi-turn search rollouts: the agent loop, trajectory records and the retriever client."""

@@ -1,0 +1,188 @@
+"""The retrieval server started for real on a loopback port: results, errors, cache, batching."""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from retrieval import build_index, corpus as corpus_lib, server as server_lib
+from retrieval.synthetic_corpus import write_corpus
+from stepsearch_jax.rollout.retriever import RetrievalError, RetrieverClient
+
+LIMITS = ["--max_queries", "16", "--max_query_chars", "300", "--max_topk", "10",
+          "--max_body_bytes", "20000", "--warmup_batch", "8"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  d = tmp_path_factory.mktemp("server")
+  corpus = str(d / "corpus.jsonl")
+  rows = write_corpus(corpus, 300, seed=3, max_words=30)
+  index_dir = str(d / "idx")
+  build_index.build(corpus, index_dir, chunk_size=128, batch_size=32, progress=False)
+  proc, url = server_lib.start_subprocess(index_dir, extra_args=LIMITS, timeout_s=240)
+  yield dict(corpus=corpus, rows=rows, index_dir=index_dir, url=url, proc=proc)
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+  from retrieval.encoder import Encoder
+  return Encoder(max_batch=32)
+
+
+def post(url, payload, **kw):
+  return httpx.post(f"{url}/retrieve", json=payload, timeout=60, **kw)
+
+
+def test_topk_equals_bruteforce_and_documents_as_stored(world, encoder):
+  rng = np.random.default_rng(0)
+  words = " ".join(json.dumps(r) for r in world["rows"][:50]).split()
+  queries = [" ".join(rng.choice(words, rng.integers(2, 7))).strip('"{},:') or "x"
+             for _ in range(12)]
+  r = post(world["url"], {"queries": queries, "topk": 5, "return_scores": True})
+  assert r.status_code == 200, r.text
+  result = r.json()["result"]
+  emb = build_index.load_embeddings(world["index_dir"])
+  q = encoder.encode(queries, kind="query")
+  sims = q @ emb.T
+  stored = open(world["corpus"], "rb").read().splitlines()
+  for i, hits in enumerate(result):
+    want = np.argsort(-sims[i], kind="stable")[:5]
+    got_rows = [h["document"] for h in hits]
+    assert got_rows == [json.loads(stored[j]) for j in want], queries[i]
+    np.testing.assert_allclose([h["score"] for h in hits], sims[i][want], atol=1e-4)
+  # Raw bytes: the document JSON is the corpus line verbatim (key order, escapes).
+  assert stored[int(want[0])] in r.content
+
+
+def test_query_equal_to_passage_returns_it_first(world):
+  picks = [0, 1, 150, 299]                                   # both corpus row formats
+  texts = [corpus_lib.passage_text(world["rows"][i]) for i in picks]
+  result = post(world["url"], {"queries": texts, "topk": 3}).json()["result"]
+  for i, hits in zip(picks, result):
+    assert hits[0]["document"] == world["rows"][i]
+    assert hits[0]["score"] > 0.999
+
+
+BAD = [
+    (b"{bad", 400, "not valid JSON"),
+    (b'\xff\xfe{"queries": ["a"]}', 400, "not valid UTF-8"),
+    (b"[1, 2]", 422, "JSON object"),
+    (b"null", 422, "JSON object"),
+    (b"{}", 422, "'queries' is required"),
+    (b'{"queries": "abc"}', 422, "list of strings"),
+    (b'{"queries": []}', 422, "empty"),
+    (b'{"queries": [1]}', 422, "queries[0] must be a string"),
+    (b'{"queries": ["ok", ""]}', 422, "queries[1] is empty"),
+    (b'{"queries": [" \\n\\t "]}', 422, "queries[0] is empty"),
+    (b'{"queries": ["\\ud800x"]}', 422, "not valid UTF-8"),
+    (b'{"queries": ["a"], "topk": "3"}', 422, "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": true}', 422, "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": 2.5}', 422, "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": 0}', 422, "between 1 and 10"),
+    (b'{"queries": ["a"], "topk": 11}', 422, "between 1 and 10"),
+    (b'{"queries": ["a"], "return_scores": "yes"}', 422, "'return_scores' must be a boolean"),
+    (json.dumps({"queries": ["q"] * 17}).encode(), 413, "17 queries"),
+    (json.dumps({"queries": ["x" * 301]}).encode(), 413, "301 characters"),
+    (json.dumps({"queries": ["a"], "pad": "x" * 30000}).encode(), 413, "exceeds the limit"),
+]
+
+
+def test_bad_inputs_get_4xx_and_server_keeps_serving(world):
+  url = world["url"]
+  good = {"queries": ["river bank"], "topk": 2}
+  for body, status, message in BAD:
+    r = httpx.post(f"{url}/retrieve", content=body, timeout=60)
+    assert r.status_code == status, (body[:60], r.status_code, r.text)
+    assert message in r.json()["detail"], (body[:60], r.text)
+    ok = post(url, good)
+    assert ok.status_code == 200 and len(ok.json()["result"][0]) == 2
+  # Chunked upload without Content-Length beyond the limit.
+  chunks = (b'{"queries": ["a"], "pad": "' + b"x" * 4000 if i == 0 else b"x" * 4000
+            for i in range(8))
+  r = httpx.post(f"{url}/retrieve", content=chunks, timeout=60)
+  assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+  assert httpx.get(f"{url}/retrieve", timeout=10).status_code == 405
+  assert post(url, good).status_code == 200
+
+
+def test_cache_respects_topk(world):
+  url = world["url"]
+  q = "orchestra harbour festival"
+  before = httpx.get(f"{url}/health").json()["cache"]
+  two = post(url, {"queries": [q], "topk": 2}).json()["result"][0]
+  four = post(url, {"queries": [q], "topk": 4}).json()["result"][0]
+  assert len(two) == 2 and len(four) == 4 and four[:2] == two
+  again = post(url, {"queries": [f"  {q}\n"], "topk": 2}).json()["result"][0]   # normalised hit
+  assert again == two
+  after = httpx.get(f"{url}/health").json()["cache"]
+  assert after["hits"] - before["hits"] == 1 and after["misses"] - before["misses"] == 2
+
+
+def test_concurrent_single_query_clients(world):
+  url = world["url"]
+  queries = [f"winter castle {w}" for w in ("north", "south", "east", "west", "king", "queen",
+                                              "river", "stone", "glass", "fire", "ice", "sun")]
+  batch = post(url, {"queries": queries, "topk": 3}).json()["result"]
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    lone = list(pool.map(lambda q: post(url, {"queries": [q + " "], "topk": 3}).json(), queries))
+  assert [r["result"][0] for r in lone] == batch
+
+
+def test_batcher_merges_queued_requests(world, encoder):
+  from retrieval.searcher import Searcher
+  searcher = Searcher(world["index_dir"], max_batch=32)
+  batcher = server_lib.Batcher(searcher, max_batch=64, start=False)
+  reqs = [(["apple orchard"], 3), (["mountain pass", "old bridge"], 5), (["apple orchard"], 1)]
+
+  async def go():
+    tasks = [asyncio.ensure_future(batcher.submit(q, k)) for q, k in reqs]
+    await asyncio.sleep(0.05)           # all three are queued before the worker starts
+    batcher.start()
+    return await asyncio.gather(*tasks)
+
+  out = asyncio.run(go())
+  assert batcher.batches == 1 and batcher.batched_queries == 4
+  for (qs, k), rows in zip(reqs, out):
+    ids, scores = searcher.search(qs, k)
+    for (got_ids, got_scores), want_ids, want_scores in zip(rows, ids, scores):
+      np.testing.assert_array_equal(got_ids, want_ids)
+      np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+
+
+def test_client_batches_and_health(world):
+  with RetrieverClient(world["url"], topk=2, batch_size=4, retries=1) as client:
+    queries = [f"query number {i}" for i in range(10)]
+    got = client.search(queries)
+    assert len(got) == 10 and all(len(h) == 2 for h in got)
+    assert got == post(world["url"], {"queries": queries, "topk": 2}).json()["result"]
+    assert client.search(queries[:3], topk=4)[0][0] == got[0][0]
+    health = client.health()
+    assert health["fingerprint"] == build_index.load_manifest(world["index_dir"])["fingerprint"]
+    with pytest.raises(RetrievalError, match="HTTP 422.*between 1 and 10"):
+      client.search(["a"], topk=50)                # a 4xx is not retried
+
+
+def test_bm25_backend_same_api_with_token(world, tmp_path):
+  index_dir = str(tmp_path / "bm25")
+  build_index.build(world["corpus"], index_dir, index_type="bm25", progress=False)
+  proc, url = server_lib.start_subprocess(index_dir, token="s3cret", timeout_s=120)
+  try:
+    assert httpx.post(f"{url}/retrieve", json={"queries": ["a"]}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.get(f"{url}/health", headers=wrong).status_code == 401
+    row = world["rows"][10]
+    with RetrieverClient(url, topk=3, token="s3cret") as client:
+      assert client.health()["index_type"] == "bm25"
+      hits = client.search([corpus_lib.passage_text(row), "zzzzqqq xxyyzz"])
+    assert hits[0][0]["document"] == row and hits[0][0]["score"] > 0
+    assert hits[1] == []                             # no query term in the corpus: no hits
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
