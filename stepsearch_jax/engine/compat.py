@@ -11,7 +11,11 @@ It fixes three things, each only when needed, and changes nothing else:
    Hugging Face tokenizer). When seqio is absent we register a tiny ``seqio.vocabularies``
    module whose two classes raise a clear error if anyone actually instantiates them. A real
    seqio installation is always preferred.
-3. ``jetstream.core.orchestrator`` sets the ROOT logger to DEBUG and adds a stdout handler at
+3. JetStream 0.2.2's orchestrator hands token-id requests (``DecodeRequest.token_content``) to
+   ``token_utils.pad_tokens`` as a Python list, which only works when a BOS is prepended
+   (``np.concatenate`` makes it an array); without BOS (a request with ``session_cache`` set, i.e.
+   a continuation) it fails on ``list.shape``. We wrap ``pad_tokens`` to convert to an array first.
+4. ``jetstream.core.orchestrator`` sets the ROOT logger to DEBUG and adds a stdout handler at
    import time, which floods every program that imports it (and slows the decode threads). We
    import it here once and restore the root logger's level and handlers afterwards.
 """
@@ -72,3 +76,21 @@ def _import_jetstream_keeping_logging() -> None:
 
 
 _import_jetstream_keeping_logging()
+
+
+def _patch_pad_tokens() -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jetstream.engine import token_utils  # pylint: disable=g-import-not-at-top
+  original = token_utils.pad_tokens
+  if getattr(original, "__stepsearch_patched__", False):
+    return
+
+  def pad_tokens(tokens, *args, **kwargs):
+    return original(np.asarray(tokens, np.int32), *args, **kwargs)
+
+  pad_tokens.__stepsearch_patched__ = True
+  pad_tokens.__doc__ = original.__doc__
+  token_utils.pad_tokens = pad_tokens
+
+
+_patch_pad_tokens()

@@ -107,7 +107,9 @@ class StepSearchEngine(engine_api.Engine):
     self.params = params
     self.hf_tokenizer = tokenizer
     self.tokenizer = HFTokenizer(tokenizer, eos_ids)
-    self.eos_ids = self.tokenizer.eos_ids
+    # JetStream ends a request on its tokenizer's stop set (EOS and PAD); we stop on the same ids
+    # so that both drivers end turns identically (for Qwen PAD is EOS anyway).
+    self.eos_ids = tuple(sorted(self.tokenizer.stop_tokens))
     self.num_slots = int(num_slots)
     self.cache_len = int(cache_len)
     self._max_prefill_length = int(max_prefill_length)

@@ -1,0 +1,69 @@
+"""`rollout(...)`: the trainer's and evaluator's entry point to multi-turn search rollouts.
+
+Records accepted (each either a `stepsearch_jax.data.records.Record` or a dict / object with the
+same attribute names): `id`, `data_source`, a prompt as `prompt_text` (used verbatim) or `prompt`
+(chat messages, rendered with the tokenizer's chat template when it has one) or `question` (put
+into the method's `think` template first), ground truth as `ground_truth` {target, search_keys} or
+`targets` (alias `golden_answers`) + `search_keys`, and optional `support_docs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
+from stepsearch_jax.rollout.loop import LoopConfig, make_episodes
+from stepsearch_jax.rollout.trajectory import Trajectory
+
+
+class RolloutResult(list):
+  """A list of Trajectory with `.stats` (timings: decode_s, retrieval_s, ..., tokens_per_s)."""
+  stats: dict
+
+
+def sampling_from_config(rollout_cfg: Any, greedy: bool) -> SamplingParams:
+  if greedy:   # validation decoding: do_sample=False -> temperature 0, top_p 1, top_k -1
+    return SamplingParams.greedy()
+  return SamplingParams(temperature=float(rollout_cfg.get("temperature", 1.0)),
+                        top_p=float(rollout_cfg.get("top_p", 1.0)),
+                        top_k=int(rollout_cfg.get("top_k", -1)))
+
+
+def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, retriever: Any,
+            rng: jax.Array, greedy: bool = False, policy_version: int = 0, *,
+            driver: str | None = None, template: str = "think", n: int | None = None,
+            score_logprobs: bool = True) -> RolloutResult:
+  """Roll out `n` (default rollout_cfg.n; 1 when greedy) trajectories per record, record-major.
+
+  rollout_cfg: `config.rollout` (driver, max_turns, max_tokens_per_turn, max_obs_tokens,
+  max_context, max_start, temperature, top_p, top_k, n, prefill_buckets; optional
+  max_response_tokens and topk). `retriever` has `.search(queries, topk)` (RetrieverClient).
+  Uses the engine's current params (see `StepSearchEngine.swap_params`).
+  """
+  cfg = LoopConfig.from_config(rollout_cfg, topk=getattr(retriever, "topk", 3))
+  driver = driver or rollout_cfg.get("driver", "native")
+  if n is None:
+    n = 1 if greedy else int(rollout_cfg.get("n", 1))
+  sampling = sampling_from_config(rollout_cfg, greedy)
+  episodes = make_episodes(records, engine.hf_tokenizer, cfg, rng, n=n,
+                           policy_version=policy_version, template=template,
+                           eos_ids=engine.eos_ids)
+  if driver == "native":
+    from stepsearch_jax.rollout.native import run_native
+    stats = run_native(engine, episodes, retriever, sampling, cfg,
+                       buckets=tuple(rollout_cfg.get("prefill_buckets", ())))
+  elif driver == "jetstream":
+    from stepsearch_jax.rollout.jetstream_driver import run_jetstream
+    stats = run_jetstream(engine, episodes, retriever, sampling, cfg,
+                          score_logprobs=score_logprobs)
+  else:
+    raise ValueError(f"config.rollout.driver={driver!r} is not one of ['native', 'jetstream']")
+  out = RolloutResult(ep.traj for ep in episodes)
+  for t in out:
+    t.check()
+  stats["trajectories"] = len(out)
+  stats["tokens_per_s"] = stats.get("generated_tokens", 0) / max(stats["total_s"], 1e-9)
+  out.stats = stats
+  return out

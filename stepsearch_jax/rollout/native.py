@@ -1,0 +1,158 @@
+"""The native continuous-batching rollout driver: slots live across turns, retrieval overlaps decode.
+
+Concurrency model (one main thread + one retrieval worker thread; no other threads):
+
+1. The main thread owns the engine's decode state (the KV cache of `num_slots` rows) and every
+   `Episode`. Episodes wait in an admission queue; whenever a slot is free the next episode is
+   admitted and its prompt is queued for prefill into that slot.
+2. Before each decode step the main thread flushes the prefill queue with batched
+   `engine.append` calls (rows grouped by token bucket): prompts go in at position 0; tool results
+   go in at the slot's current length, so only the new `<information>`/`<warning>` tokens are
+   computed and the trajectory keeps its KV cache across turns.
+3. A decode step (`engine.generate_rl`) advances every active slot by one token. The host reads the
+   emitted tokens/logprobs/stop flags. A slot that stopped ends its turn in its Episode:
+   - `</answer>`, the final turn or the response cap: the episode is done and the slot is freed
+     (and refilled by admission at the next iteration: continuous batching);
+   - an invalid action: the warning is queued for prefill at once;
+   - `</search>`: the slot's query joins the pending-search list; the slot stays idle, its KV cache
+     intact, while the other slots keep decoding.
+4. Retrieval: when no request is in flight, ALL pending queries are sent as ONE batched
+   `RetrieverClient.search` call on the worker thread (HTTP I/O releases the GIL, so decoding
+   continues). The main thread polls the future once per step; when it completes, each slot's
+   observation is formatted, tokenised once and queued for prefill (step 2). Queries that arrive
+   while a request is in flight form the next batch.
+5. If no slot is decoding and nothing is left to prefill, the main thread blocks on the in-flight
+   retrieval (or exits when every episode is done).
+
+Stats returned: decode_s (wall time of engine calls and host token handling), retrieval_s (time
+the worker spent in retrieval requests), retrieval_wait_s (time the main thread was blocked on
+retrieval with nothing to decode), steps, generated tokens, prefilled tokens, retrieval batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
+from stepsearch_jax.rollout.loop import Episode, LoopConfig
+
+
+def _timed_search(retriever: Any, queries: list[str], topk: int):
+  t0 = time.perf_counter()
+  out = retriever.search(queries, topk=topk)
+  return out, time.perf_counter() - t0
+
+
+def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever: Any,
+               sampling: SamplingParams, cfg: LoopConfig, params: Any = None,
+               buckets: Sequence[int] = ()) -> dict:
+  """Run every episode to completion; returns timing/throughput stats."""
+  params = engine.params if params is None else params
+  nslots = engine.num_slots
+  stats = collections.Counter()
+  waiting = collections.deque(episodes)
+  slot_ep: list[Episode | None] = [None] * nslots
+  turn_ids: list[list[int]] = [[] for _ in range(nslots)]
+  turn_lps: list[list[float]] = [[] for _ in range(nslots)]
+  to_prefill: list[int] = []
+  pending_search: list[int] = []
+  inflight = None                      # (future, [slots])
+  decoding = np.zeros(nslots, bool)
+  state = engine.init_decode_state()
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrieval")
+  t_start = time.perf_counter()
+
+  def flush_prefill():
+    nonlocal state
+    groups: dict[bool, list[int]] = collections.defaultdict(list)
+    for s in to_prefill:
+      ep = slot_ep[s]
+      fresh = ep.truncated_context or ep.append_start + len(ep.pending_ids) + 16 > engine.cache_len
+      groups[fresh].append(s)
+    for fresh, slots in groups.items():
+      eps = [slot_ep[s] for s in slots]
+      toks = [list(ep.context) if fresh else list(ep.pending_ids) for ep in eps]
+      starts = [0 if fresh else ep.append_start for ep in eps]
+      caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
+              for st, t in zip(starts, toks)]
+      # Bucket rows by token width so one long prompt does not pad every observation.
+      by_width: dict[int, list[int]] = collections.defaultdict(list)
+      for i, t in enumerate(toks):
+        by_width[max(16, 1 << (len(t) - 1).bit_length())].append(i)
+      for idx in by_width.values():
+        state = engine.append(state, [slots[i] for i in idx], [toks[i] for i in idx],
+                              [starts[i] for i in idx], params=params,
+                              max_new=[caps[i] for i in idx], sampling=sampling,
+                              keys=[eps[i].key for i in idx], buckets=buckets)
+        stats["prefill_tokens"] += sum(len(toks[i]) for i in idx)
+      for s in slots:
+        decoding[s] = True
+        turn_ids[s], turn_lps[s] = [], []
+    to_prefill.clear()
+
+  def end_turn(s: int):
+    ep = slot_ep[s]
+    action = ep.finish_turn(turn_ids[s], turn_lps[s])
+    decoding[s] = False
+    if ep.done:
+      slot_ep[s] = None
+    elif action == "search":
+      pending_search.append(s)
+    else:
+      to_prefill.append(s)
+
+  try:
+    while True:
+      for s in range(nslots):                      # admission (continuous batching)
+        if slot_ep[s] is None and waiting:
+          slot_ep[s] = waiting.popleft()
+          to_prefill.append(s)
+      if inflight is not None and inflight[0].done():
+        results, dt = inflight[0].result()
+        stats["retrieval_s"] += dt
+        for s, res in zip(inflight[1], results):
+          slot_ep[s].observe_search(res)
+          if slot_ep[s].done:
+            slot_ep[s] = None
+          else:
+            to_prefill.append(s)
+        inflight = None
+        continue                                   # re-run admission for freed slots
+      if pending_search and inflight is None:
+        queries = [slot_ep[s].query for s in pending_search]
+        inflight = (pool.submit(_timed_search, retriever, queries, cfg.topk), list(pending_search))
+        stats["retrieval_batches"] += 1
+        stats["retrieval_queries"] += len(queries)
+        pending_search.clear()
+      if to_prefill:
+        flush_prefill()
+      if not decoding.any():
+        if inflight is not None:
+          t0 = time.perf_counter()
+          concurrent.futures.wait([inflight[0]])
+          stats["retrieval_wait_s"] += time.perf_counter() - t0
+          continue
+        if not waiting and all(e is None for e in slot_ep):
+          break
+        continue
+      state, result, (logprobs, stopped) = engine.generate_rl(params, state)
+      data = np.asarray(result.data)
+      lps, stop = np.asarray(logprobs), np.asarray(stopped)
+      stats["steps"] += 1
+      for s in np.nonzero(data[:, 1])[0]:
+        turn_ids[s].append(int(data[s, 0]))
+        turn_lps[s].append(float(lps[s]))
+        stats["generated_tokens"] += 1
+        if stop[s]:
+          end_turn(s)
+  finally:
+    pool.shutdown(wait=True)
+  total = time.perf_counter() - t_start
+  stats["total_s"] = total
+  stats["decode_s"] = total - stats["retrieval_wait_s"]
+  return dict(stats)
