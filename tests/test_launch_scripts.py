@@ -171,3 +171,16 @@ def test_install_sh_rejects_unknown_options_before_touching_anything():
   proc = subprocess.run(["bash", str(ROOT / "launch/install.sh"), "--cuda11"], capture_output=True,
                         text=True, timeout=30)
   assert proc.returncode == 2 and "unknown option --cuda11" in proc.stderr
+
+
+def test_readme_scale_out_commands_parse():
+  """Every launcher command in launch/README-scale-out.md runs in --dry-run mode as written."""
+  text = (ROOT / "launch/README-scale-out.md").read_text()
+  blocks = "\n".join(b for b in text.split("```bash\n")[1:]).replace("\\\n", " ")
+  lines = [l.split("```")[0] for l in blocks.splitlines()]
+  runs = [shlex.split(l, comments=True) for l in lines if l.lstrip().startswith("launch/")]
+  assert len(runs) >= 7
+  for argv in runs:
+    proc = sh(argv[0].removeprefix("launch/"), *argv[1:], "--dry-run")
+    assert proc.returncode == 0, (argv, proc.stderr)
+  assert "| v5e-16 | 16 (4) | 1/16/1 |" in text and "#### Qwen2.5-7B" in text
