@@ -97,10 +97,16 @@ def test_capacity_markdown_lists_every_target_and_uses_measured_mfu(tmp_path, ca
   for rel in CONFIGS:
     for target in _load(rel).TARGETS:
       assert f"| {target} |" in assumed
-  bench.write_text(json.dumps({"results": [{"name": "update", "mfu_percent": 17.5}]}))
+  # bench/update.py's schema: the target is not a measurement; the largest model's median is used.
+  bench.write_text(json.dumps({"target_update_mfu": 0.35, "results": [
+      {"model": "20m", "params": 2e7, "update_mfu": 0.4},
+      {"model": "135m", "params": 1.35e8, "update_mfu": 0.175}]}))
   capacity.main([f"{CONFIGS[0]}:v5e-16", "--bench", str(bench)])
   measured = capsys.readouterr().out
-  assert "ASSUMED" not in measured and "18% MFU" in measured and "mfu_percent" in measured
+  assert "ASSUMED" not in measured and "18% MFU" in measured
+  assert "results[1].update_mfu (135m)" in measured
+  bench.write_text(json.dumps({"target_mfu": 0.9, "other": {"mfu_percent": 17.5}}))
+  assert capacity.find_mfu(str(bench)) == (0.175, f"{bench}: other.mfu_percent")
   _, (row,) = capacity.rows(f"{CONFIGS[0]}:v5e-16", None, 0.175)
   _, (row35,) = capacity.rows(f"{CONFIGS[0]}:v5e-16", None, 0.35)
   assert row["seconds"] == pytest.approx(2 * row35["seconds"])
