@@ -104,7 +104,7 @@ class StepSearchEngine(engine_api.Engine):
     if cache_len < max_prefill_length:
       raise ValueError(f"cache_len={cache_len} must be >= max_prefill_length={max_prefill_length}")
     self.config = config
-    self.params = params
+    self.params = jax.tree_util.tree_map(jnp.asarray, params)
     self.hf_tokenizer = tokenizer
     self.tokenizer = HFTokenizer(tokenizer, eos_ids)
     # JetStream ends a request on its tokenizer's stop set (EOS and PAD); we stop on the same ids
@@ -314,7 +314,9 @@ class StepSearchEngine(engine_api.Engine):
       if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"swap_params: {jax.tree_util.keystr(path[0])} is {b.shape} {b.dtype}, "
                          f"the engine's is {a.shape} {a.dtype}")
-    self.params = params
+    # Same shardings as the weights the programs were compiled for (a jit cache key).
+    self.params = jax.tree_util.tree_map(
+        lambda new, cur: jax.device_put(new, cur.sharding), params, self.params)
 
   def append(self, decode_state: DecodeState, slots: Sequence[int],
              tokens: Sequence[Sequence[int]], starts: Sequence[int], *,

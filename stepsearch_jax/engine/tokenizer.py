@@ -69,6 +69,6 @@ def stop_sequences(hf_tokenizer: Any, strings: Sequence[str]) -> list[tuple[int,
       ids = tuple(hf_tokenizer.encode(variant, add_special_tokens=False))
       if not ids:
         raise ValueError(f"stop string {s!r} encodes to no tokens")
-      if hf_tokenizer.decode(list(ids)).strip() == s and ids not in seqs:
+      if hf_tokenizer.decode(list(ids)).strip() == s.strip() and ids not in seqs:
         seqs.append(ids)
   return seqs

@@ -100,6 +100,8 @@ def prompt_text(record: Any, tokenizer: Any, template: str = "think") -> str:
 
 def _ground_truth(record: Any) -> dict:
   gt = _field(record, "ground_truth")
+  if callable(gt):
+    gt = gt()
   if gt:
     return dict(gt)
   targets = _field(record, "targets", None) or _field(record, "golden_answers", None) or []

@@ -1,0 +1,167 @@
+"""StepSearchEngine against transformers+torch on the same weights, plus the RL extras."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from stepsearch_jax import models  # noqa: E402
+from stepsearch_jax.data.wordlevel import train_wordlevel  # noqa: E402
+from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
+
+TEXTS = ["who is the mother of alice ? <search> mother of alice </search> <information> Doc 1 "
+         "</information> <answer> bob </answer> the cat sat on the mat and the dog ran away"] * 2
+PROMPTS = ["who is the mother of alice ?", "the cat sat", "the dog ran away and the cat sat on",
+           "bob sat on the mat", "alice ran"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return train_wordlevel(TEXTS, str(tmp_path_factory.mktemp("tok")))
+
+
+def _hf_model(tok, kind, path):
+  torch.manual_seed(0)
+  common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  if kind == "llama":
+    cfg = transformers.LlamaConfig(head_dim=16, tie_word_embeddings=False, **common)
+    model = transformers.LlamaForCausalLM(cfg)
+  else:
+    cfg = transformers.Qwen2Config(tie_word_embeddings=False, **common)
+    model = transformers.Qwen2ForCausalLM(cfg)
+  model.eval().save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, tok, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp(request.param))
+  hf = _hf_model(tok, request.param, path)
+  config, params = models.load_pretrained(path)
+  engine = StepSearchEngine(config, params, tok, num_slots=4, cache_len=128,
+                            max_prefill_length=64, stop_strings=(), max_tokens=12)
+  return hf, engine
+
+
+def _hf_greedy(hf, ids, n, eos):
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)
+  out = out[0, len(ids):].tolist()
+  return out
+
+
+def _drain(engine, state, steps):
+  outs = [[] for _ in range(engine.num_slots)]
+  lps = [[] for _ in range(engine.num_slots)]
+  for _ in range(steps):
+    state, result, (logprobs, _) = engine.generate_rl(engine.params, state)
+    res = result.convert_to_numpy()
+    for s in range(engine.num_slots):
+      slot = res.get_result_at_slot(s)
+      if slot.valid[0, 0]:
+        outs[s].append(int(slot.tokens[0, 0]))
+        lps[s].append(float(np.asarray(logprobs)[s]))
+  return state, outs, lps
+
+
+def test_greedy_matches_transformers_generate(setup, tok):
+  hf, engine = setup
+  state = engine.init_decode_state()
+  prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:4]]
+  for slot, ids in enumerate(prompts):
+    padded = np.zeros(16, np.int32)
+    padded[:len(ids)] = ids
+    prefix = engine.prefill(params=engine.params, padded_tokens=padded, true_length=len(ids))
+    state = engine.insert(prefix, state, slot)
+  state, outs, lps = _drain(engine, state, 14)
+  for slot, ids in enumerate(prompts):
+    want = _hf_greedy(hf, ids, 12, tok.eos_token_id)
+    got = outs[slot]
+    # The engine stops on EOS/PAD (and emits it); compare up to the same point.
+    assert got == want[:len(got)] and len(got) >= min(len(want), 1), (slot, got, want)
+    assert len(got) == 12 or got[-1] in engine.eos_ids
+    # Sampler logprobs equal log_softmax of the full-sequence forward on the same tokens.
+    full = np.asarray(models.apply_lm(engine.config, engine.params,
+                                      np.asarray([ids + got], np.int32)))[0]
+    ref = jax.nn.log_softmax(full, axis=-1)
+    expect = [float(ref[len(ids) - 1 + i, t]) for i, t in enumerate(got)]
+    np.testing.assert_allclose(lps[slot], expect, atol=2e-4)
+
+
+def test_append_into_live_slot_equals_single_prefill(setup, tok):
+  """Prefill a prompt in two pieces (append into the same slot) == one prefill of it all."""
+  _, engine = setup
+  ids = tok.encode(PROMPTS[2], add_special_tokens=False)
+  state = engine.init_decode_state()
+  state = engine.append(state, [1], [ids[:3]], [0], max_new=1)
+  state, _, _ = _drain(engine, state, 3)                       # slot 1 emits one token, stops
+  state = engine.append(state, [0, 1], [ids, ids[3:]], [0, 3], max_new=8)  # slot 1: from pos 3
+  state, outs, _ = _drain(engine, state, 10)
+  assert outs[0] and outs[1] == outs[0]
+
+
+def test_stop_sequence_and_cap(setup, tok):
+  hf, engine = setup
+  for prompt in PROMPTS:   # a prompt whose greedy output has a new token after position 0
+    ids = tok.encode(prompt, add_special_tokens=False)
+    free = _hf_greedy(hf, ids, 12, tok.eos_token_id)
+    free = free[:next((i for i, t in enumerate(free) if t in engine.eos_ids), len(free))]
+    fresh = [i for i in range(1, len(free)) if free[i] not in free[:i]]
+    if fresh:
+      break
+  first = fresh[0]
+  stop_word = tok.decode([free[first]])
+  stopper = StepSearchEngine(engine.config, engine.params, tok, num_slots=2, cache_len=128,
+                             max_prefill_length=64, stop_strings=(stop_word,), max_tokens=12)
+  state = stopper.append(stopper.init_decode_state(), [0, 1], [ids, ids], [0, 0],
+                         max_new=[12, first])
+  state, outs, _ = _drain(stopper, state, 14)
+  assert outs[0] == free[:first + 1]          # stop token emitted, nothing after
+  assert outs[1] == free[:first]              # per-slot token cap
+
+
+def test_sampling_params(setup, tok):
+  _, engine = setup
+  ids = tok.encode(PROMPTS[1], add_special_tokens=False)
+  key = engine.request_key(7)
+  top1 = SamplingParams(temperature=1.0, top_k=1)
+  hot = SamplingParams(temperature=5.0, top_p=0.9)
+  state = engine.append(engine.init_decode_state(), [0, 1, 2, 3], [ids] * 4, [0] * 4,
+                        max_new=10, sampling=[SamplingParams.greedy(), top1, hot, hot],
+                        keys=[key, key, key, key])
+  state, outs, _ = _drain(engine, state, 11)
+  assert outs[0] == outs[1]                   # top-k 1 is greedy
+  assert outs[2] == outs[3]                   # same key and positions -> same draws
+  assert outs[2] != outs[0]                   # temperature 5 leaves the greedy path
+
+
+def test_weight_swap_changes_output_without_recompiling(setup, tok):
+  _, engine = setup
+  ids = tok.encode(PROMPTS[0], add_special_tokens=False)
+  original = engine.params
+
+  def run():
+    state = engine.append(engine.init_decode_state(), [0], [ids], [0], max_new=8)
+    return _drain(engine, state, 9)[1][0]
+
+  before = run()
+  counts = engine.compile_counts()
+  new = models.init_params(engine.config, jax.random.PRNGKey(123))
+  new = jax.tree_util.tree_map(lambda a, b: b.astype(a.dtype), original, new)
+  try:
+    engine.swap_params(new)
+    after = run()
+    assert after != before
+    assert engine.compile_counts() == counts
+    with pytest.raises(ValueError, match="swap_params"):
+      engine.swap_params({"not": np.zeros(3)})
+  finally:
+    engine.swap_params(original)
+  assert run() == before
