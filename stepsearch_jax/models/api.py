@@ -120,9 +120,14 @@ def init_value_params(config: ModelConfig, rng: jax.Array, policy_params: Params
     out = param_shardings(config, decoder.param_shapes(config, value=True), mesh)
     vparams = jax.jit(_init, static_argnums=(0, 2), out_shardings=out)(config, rng, True)
   if policy_params is not None:
-    jax.tree.map(lambda p, v: None if p.shape == v.shape else (_ for _ in ()).throw(
-        ValueError(f"policy param shape {p.shape} != value trunk shape {v.shape}")),
-        policy_params, vparams["trunk"])
+    got = jax.tree_util.tree_flatten_with_path(policy_params)[0]
+    want = jax.tree_util.tree_flatten_with_path(vparams["trunk"])[0]
+    if [k for k, _ in got] != [k for k, _ in want]:
+      raise ValueError("policy_params do not have the structure of this config's policy params")
+    for (path, p), (_, v) in zip(got, want):
+      if p.shape != v.shape:
+        raise ValueError(f"policy param {jax.tree_util.keystr(path)} has shape {p.shape}, "
+                         f"expected {v.shape}")
     vparams = _copy_trunk(config, vparams, policy_params)
   return vparams
 

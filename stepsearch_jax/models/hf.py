@@ -228,7 +228,11 @@ def load_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = 
 
 def save_pretrained(path: str, config: ModelConfig, params: dict, *,
                     max_shard_bytes: int = 4 << 30, extra_config: dict | None = None) -> None:
-  """Write config.json, generation_config.json and safetensors (sharded + index when large)."""
+  """Write config.json, generation_config.json and safetensors (sharded + index when large).
+
+  Old *.safetensors files and index in `path` are removed first so a reload cannot mix versions.
+  Params are gathered to this host (single-process runs; multi-host would need a process gather).
+  """
   os.makedirs(path, exist_ok=True)
   tensors: dict[str, np.ndarray] = {}
   for ours, template, _, to_hf in key_map(config):
