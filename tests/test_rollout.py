@@ -1,0 +1,123 @@
+"""The agent loop on hand-built turns (masks, search indices, warnings, caps) and both drivers on
+the synthetic world with a real retrieval server (identical greedy trajectories)."""
+
+import jax
+import ml_collections
+import pytest
+
+from stepsearch_jax.engine import StepSearchEngine
+from stepsearch_jax.rollout import loop, toy
+from stepsearch_jax.rollout.driver import rollout
+from stepsearch_jax.rollout.retriever import RetrieverClient, format_information
+from stepsearch_jax.rollout.trajectory import Trajectory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  return toy.build_world(str(tmp_path_factory.mktemp("world")), num_people=20, num_train=24,
+                         num_test=8)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+  from retrieval.server import start_subprocess
+  proc, url = start_subprocess(world["index_dir"], timeout_s=120)
+  yield url
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+def _rollout_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(driver="native", max_turns=3, max_tokens_per_turn=80,
+                                     max_obs_tokens=800, max_context=1024, max_start=2048,
+                                     temperature=1.0, top_p=1.0, top_k=-1, n=1, num_slots=4,
+                                     prefill_buckets=(64, 128, 256, 512, 1024)))
+  c.update(kw)
+  return c
+
+
+def _docs(world):
+  import json
+  rows = [json.loads(line) for line in open(world["corpus"], encoding="utf-8")][:2]
+  return [{"document": r, "score": 1.0 - i / 2} for i, r in enumerate(rows)]
+
+
+def _episode(world, **cfg):
+  tok = world["tokenizer"]
+  c = loop.LoopConfig(**{**dict(max_turns=2, max_tokens_per_turn=40), **cfg})
+  ep = loop.Episode(world["test_records"][0], tok, c, key=None)
+  ep.eos_ids = {tok.eos_token_id, tok.pad_token_id}
+  return tok, ep
+
+
+def test_hand_built_trajectory_masks_and_search_indices(world):
+  tok, ep = _episode(world, max_turns=1)
+  docs = _docs(world)
+  name = docs[0]["document"]["title"]
+  enc = lambda s: tok.encode(s, add_special_tokens=False)
+  turn1 = enc(f"<think> plan </think>\n<search> {name} </search>")
+  # Generation ran past the stop (e.g. a non-canonical tag): the loop keeps tokens through it.
+  assert ep.finish_turn(turn1 + enc(" the") + [tok.eos_token_id], [-0.5] * (len(turn1) + 2)) \
+      == "search"
+  assert ep.query == name
+  ep.observe_search(docs)
+  info = enc(format_information([d["document"] for d in docs]) + loop.LAST_TURN)
+  assert ep.pending_ids == info and ep.append_start == len(ep.traj.prompt_ids) + len(turn1)
+  turn2 = enc(f"<search> {name} country </search>")     # final turn: no search any more
+  assert ep.finish_turn(turn2, [-1.0] * len(turn2)) == "done" and ep.done
+  t = ep.traj
+  assert t.response_ids == turn1 + info + turn2
+  assert t.loss_mask == [1] * len(turn1) + [0] * len(info) + [1] * len(turn2)
+  assert t.logprobs == [-0.5] * len(turn1) + [0.0] * len(info) + [-1.0] * len(turn2)
+  assert t.search_end_indices == [len(turn1) - 1]
+  assert tok.decode([t.response_ids[t.search_end_indices[0]]]).strip() == "</search>"
+  assert t.queries == [name, f"{name} country"]
+  assert t.doc_ids == [[d["document"]["id"] for d in docs]]
+  assert t.doc_texts[0][0] == docs[0]["document"]["content"]
+  assert f"<## Title: {name} ##>" in t.response_text and t.answer is None
+  assert t.num_turns == 2
+  t.check()
+  assert Trajectory.from_json(t.to_json()) == t
+
+
+def test_invalid_action_warning_answer_and_caps(world):
+  tok, ep = _episode(world, max_turns=3, max_obs_tokens=5)
+  enc = lambda s: tok.encode(s, add_special_tokens=False)
+  bad = enc("<think> hmm </think>")
+  assert ep.finish_turn(bad, [0.0] * len(bad)) == "invalid"
+  warn = enc(loop.INVALID_ACTION)[:5]                      # observation cut to max_obs_tokens
+  assert ep.traj.response_ids == bad + warn and ep.traj.loss_mask == [1] * len(bad) + [0] * 5
+  ans = enc("<answer> the </answer>")
+  assert ep.finish_turn(ans, [0.0] * len(ans)) == "answer" and ep.done
+  assert ep.traj.answer == "the" and ep.traj.search_end_indices == []
+  # Context cap: the rolling context keeps the last max_context tokens and needs a re-prefill.
+  tok, ep = _episode(world, max_context=40)
+  ep.finish_turn(bad, [0.0] * len(bad))
+  assert len(ep.context) == 40 and ep.truncated_context and ep.pending_ids == ep.context
+  # Response cap: the episode ends once the stored response is full.
+  tok, ep = _episode(world, max_response_tokens=len(bad) + 3)
+  ep.finish_turn(bad, [0.0] * len(bad))
+  assert ep.done and ep.traj.truncated and len(ep.traj.response_ids) == len(bad) + 3
+
+
+def test_drivers_give_identical_greedy_trajectories(world, server):
+  retriever = RetrieverClient(server, topk=3)
+  config, params = toy.train_policy(world, retriever, steps=60, batch_size=8, lr=1e-2, limit=24)
+  engine = StepSearchEngine(config, params, world["tokenizer"], num_slots=4, cache_len=1024 + 81,
+                            max_prefill_length=1024)
+  records = world["test_records"][:6]         # more records than slots: slots are refilled
+  cfg = _rollout_cfg()
+  native = rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True)
+  js = rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True,
+               driver="jetstream")
+  assert [t.response_ids for t in native] == [t.response_ids for t in js]
+  assert [t.search_end_indices for t in native] == [t.search_end_indices for t in js]
+  assert [t.doc_ids for t in native] == [t.doc_ids for t in js]
+  assert sum(len(t.search_end_indices) for t in native) > 0, "the policy never searched"
+  assert native.stats["retrieval_batches"] <= native.stats["retrieval_queries"]
+  for t in native:
+    t.check()
+    assert t.id and t.ground_truth["target"] and len(t.logprobs) == len(t.response_ids)
+    assert all(lp < 0 for lp, m in zip(t.logprobs, t.loss_mask) if m)
+  for a, b in zip(native, js):    # sampler logprobs vs the scoring pass: same model, same tokens
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
