@@ -2,6 +2,11 @@
 
     python -m stepsearch_jax.train --config configs/demo.py --workdir runs/demo
     python -m stepsearch_jax.train --config configs/demo.py:smoke --workdir /tmp/smoke
+
+A synthetic world (fictional people, places, works, organisations), a word-level tokenizer trained
+on its text, a ~1M-parameter Qwen2-style policy, the retrieval sidecar (MiniLM encoder + exact FAISS)
+started as a subprocess, a supervised warm start on imperfect demonstrations (the format is known,
+the search policy is weak), then StePPO. `smoke` runs 2 steps on a tiny batch.
 """
 
 from stepsearch_jax.config import base_config
@@ -9,31 +14,69 @@ from stepsearch_jax.config import base_config
 
 def get_config(arg=None):
   c = base_config()
+  c.seed = 0
   c.data.synthetic.enabled = True
+  c.data.synthetic.num_people = 120
+  c.data.synthetic.num_train = 1024
+  c.data.synthetic.num_test = 128
+  c.data.synthetic.min_hops = 2
+  c.data.synthetic.max_hops = 3
+  c.data.val_limit = 128
+  c.data.val_batch_size = 128
+
   c.model.dtype = "float32"
   c.model.remat = False
+  c.model.init.hidden_size = 128
+  c.model.init.intermediate_size = 384
+  c.model.init.num_layers = 4
+  c.model.init.num_heads = 4
+  c.model.init.num_kv_heads = 2
+  c.model.init.head_dim = 32
+  c.model.init.max_position_embeddings = 2048
   c.mesh.fsdp = 1
+
+  c.sft.steps = 300
+  c.sft.batch_size = 32
+  c.sft.lr = 3e-3
+  c.sft.quality = 0.5
+  c.sft.num_examples = 768
+
   c.retrieval.start_server = True
   c.rollout.max_turns = 4
-  c.rollout.max_tokens_per_turn = 24
+  c.rollout.max_tokens_per_turn = 48
   c.rollout.max_obs_tokens = 160
   c.rollout.max_context = 1024
   c.rollout.max_start = 256
-  c.data.batch_size = 32
-  c.algo.mini_batch = 16
-  c.algo.micro_batch = 16
-  c.optim.actor_lr = 1e-4
-  c.optim.critic_lr = 1e-4
-  c.optim.actor_warmup = 2
+  c.rollout.num_slots = 128
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+
+  c.data.batch_size = 64
+  c.algo.mini_batch = 32
+  c.algo.micro_batch = 32
+  c.algo.kl_coef = 0.001
+  c.optim.actor_lr = 3e-4
+  c.optim.critic_lr = 1e-3
+  c.optim.actor_warmup = 4
   c.optim.critic_warmup = 2
-  c.total_steps = 60
+  c.total_steps = 40
+  c.eval_before_train = True
   c.eval_every = 20
   c.save_every = 10
   if arg == "smoke":
+    c.data.synthetic.num_people = 40
+    c.data.synthetic.num_train = 64
+    c.data.synthetic.num_test = 16
+    c.data.val_limit = 8
+    c.data.val_batch_size = 8
+    c.sft.steps = 20
+    c.sft.num_examples = 64
     c.total_steps = 2
     c.data.batch_size = 8
     c.algo.mini_batch = 8
     c.algo.micro_batch = 8
+    c.rollout.num_slots = 8
+    c.eval_before_train = False
     c.eval_every = 0
     c.save_every = 1
   return c

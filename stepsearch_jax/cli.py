@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepsearch_jax import config as config_lib
@@ -33,8 +33,12 @@ def parse_flags(argv):
 
 
 def run(main):
-  """app.run with the friendly config parser."""
-  app.run(main, flags_parser=parse_flags)
+  """app.run with the friendly config parser; library INFO logs (orbax, absl) only on request."""
+  def quiet_main(argv):
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+      logging.set_verbosity(logging.WARNING)
+    return main(argv)
+  app.run(quiet_main, flags_parser=parse_flags)
 
 
 def load():

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.save_every = 60                 # checkpoint period in steps
   c.keep_checkpoints = 3
   c.eval_before_train = False
+  c.curves_png = True               # plot metrics.jsonl into DIR/curves.png at the end
 
   # Policy / critic models. Either a Hugging Face folder (hf_path) or a random init from `init`.
   c.model = ml_collections.ConfigDict()
@@ -65,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(dict(
       enabled=False, seed=0, num_people=200, num_train=512, num_test=128, min_hops=2, max_hops=4,
       distractors_per_fact=1))
+
+  # Supervised warm start on synthetic-world demonstrations before RL (0 steps = none). The demo
+  # uses imperfect demonstrations (quality < 1) so the format is known but the search policy weak.
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=0, batch_size=32, lr=3e-3, quality=0.5, num_examples=512, seed=0))
 
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.url = "http://127.0.0.1:8000"

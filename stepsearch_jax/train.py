@@ -1,15 +1,26 @@
-"""Train a search agent with StePPO (or PPO / GRPO by name).
+"""Train a search agent with StePPO (or PPO / GRPO by name: config.algo.name).
 
     python -m stepsearch_jax.train --config configs/demo.py[:arg] --workdir DIR [--config.a.b=value]
+
+One step: sample prompts -> rollout (engine + retrieval) -> rewards on host -> old/ref log-probs and
+values (one jit) -> advantages -> mini-batch updates (one jit each) -> push weights to the engine.
+A restart with the same DIR resumes from the latest checkpoint (policy, critic, optimizers, step,
+data position, RNG); a different retrieval index stops with a clear message. `--config.total_steps`
+sets where training ends, so re-running with a larger value continues a finished run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
+import jax
+import numpy as np
 from absl import flags, logging
+from tqdm import tqdm
 
-from stepsearch_jax import cli
+from stepsearch_jax import cli, metrics
 from stepsearch_jax import config as config_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: config, checkpoints, metrics.",
@@ -19,13 +30,227 @@ _EXPORT_HF = flags.DEFINE_string("export_hf", None,
                                  "After training, write the final policy as a Hugging Face folder.")
 
 
+def reward_stats(results, trajs) -> dict:
+  """Means of the reward parts and rollout shape over a batch."""
+  def mean(xs):
+    return float(np.mean(xs)) if len(xs) else 0.0
+  return {
+      "reward/answer_f1": mean([r.answer_f1 for r in results]),
+      "reward/key": mean([r.search_key_score for r in results]),
+      "reward/info_gain": mean([sum(r.info_gains) for r in results]),
+      "reward/redundancy": mean([sum(r.redundancies) for r in results]),
+      "reward/final": mean([r.final_score for r in results]),
+      "reward/format_ok": mean([float(r.format_ok) for r in results]),
+      "rollout/searches": mean([len(t.queries) for t in trajs]),
+      "rollout/response_len": mean([len(t.response_ids) for t in trajs]),
+      "rollout/model_tokens": mean([sum(t.loss_mask) for t in trajs]),
+  }
+
+
+def batch_records(records, step: int, batch_size: int, seed: int, shuffle: bool):
+  """The records of `step`: an epoch-wise permutation, so the position is a pure function of step."""
+  n = len(records)
+  start = step * batch_size
+  out = []
+  for pos in range(start, start + batch_size):
+    epoch, i = divmod(pos, n)
+    order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n))
+    out.append(records[int(order[i])])
+  return out, start + batch_size
+
+
+class Trainer:
+  """Owns the run: workspace, engine, learner, checkpoints, metrics."""
+
+  def __init__(self, cfg, workdir: str):
+    from stepsearch_jax import distributed, models, ppo, workspace
+    from stepsearch_jax.models import sharding
+    from stepsearch_jax.rewards import RewardConfig
+    self.cfg, self.workdir = cfg, workdir
+    self.process_index, _ = distributed.maybe_initialize()
+    self.main_process = self.process_index == 0
+    self.ws = workspace.open_workspace(cfg, workdir)
+    self.key = jax.random.PRNGKey(cfg.seed)
+    self.mesh = sharding.make_mesh(dict(cfg.mesh))
+    self.algo = ppo.get_algorithm(cfg.algo.name)
+    self.reward_cfg = RewardConfig.from_config(self.algo.reward_config(cfg.reward))
+    self.ckpt = ppo.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+
+    t0 = time.time()
+    self.model_config, params = workspace.init_policy(cfg, self.ws.tokenizer,
+                                                      jax.random.fold_in(self.key, 1))
+    resuming = self.ckpt.latest_step() is not None
+    if not resuming:
+      params = workspace.warm_started_policy(cfg, self.ws, self.model_config, params)
+    elif cfg.sft.steps > 0:   # the reference model is the warm-started policy
+      params = workspace.warm_started_policy(cfg, self.ws, self.model_config, params)
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      json.dump(self.model_config.to_hf(), f, indent=2)
+    critic = None
+    if self.algo.uses_critic:
+      critic = models.init_value_params(self.model_config, jax.random.fold_in(self.key, 2),
+                                        policy_params=params)
+    self.learner = ppo.make_learner(cfg, params, critic, params if cfg.algo.kl_coef else None,
+                                    self.mesh, policy_config=self.model_config)
+    self.start_step = 0
+    if resuming:
+      restored = self.ckpt.restore(self.learner.abstract_state(), fingerprint=self.ws.fingerprint)
+      state, meta = restored
+      self.learner.load_state(state)
+      self.start_step = int(meta["step"])
+      logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
+      print(f"resumed from step {self.start_step}")
+    self.engine = workspace.engine_for(cfg, self.model_config, self.learner.policy_params,
+                                       self.ws.tokenizer)
+    self.ws.timings["model_init_s"] = time.time() - t0
+    self.writer = metrics.MetricsWriter(workdir, enabled=self.main_process)
+
+  # ------------------------------------------------------------------------------------------
+  def validate(self, step: int, tag: str) -> dict:
+    from stepsearch_jax.evaluate import run_validation
+    if not self.ws.val_records:
+      return {}
+    out = os.path.join(self.workdir, "predictions", f"{tag}.jsonl")
+    summary = run_validation(self.engine, self.ws.val_records, self.cfg, self.ws.retriever,
+                             jax.random.fold_in(self.key, 10_000_000 + step), out, step)
+    self.writer.write(step, {"val/em": summary["em"], "val/f1": summary["f1"],
+                             "val/searches": summary["searches"], "time/val_s": summary["seconds"]})
+    for row in summary["per_source"]:
+      self.writer.write(step, {f"val/{row['data_source']}/em": row["em"],
+                               f"val/{row['data_source']}/f1": row["f1"]})
+    print(f"[{tag}] held-out EM {summary['em']:.3f}  F1 {summary['f1']:.3f}  "
+          f"searches/q {summary['searches']:.2f}  (n={summary['n']})")
+    return summary
+
+  def step(self, step: int) -> dict:
+    from stepsearch_jax.rewards import score, token_rewards
+    from stepsearch_jax.rollout.driver import rollout
+    cfg, times = self.cfg, {}
+    records, position = batch_records(self.ws.train_records, step, cfg.data.batch_size, cfg.seed,
+                                      cfg.data.shuffle)
+    t = time.time()
+    trajs = rollout(self.engine, records, cfg.rollout, self.ws.retriever,
+                    jax.random.fold_in(self.key, step), policy_version=step,
+                    template=cfg.data.template)
+    times["time/rollout_s"] = time.time() - t
+    times["time/retrieval_s"] = float(trajs.stats.get("retrieval_s", 0.0))
+    t = time.time()
+    results = [score(tr.response_text, tr.ground_truth, tr.support_docs, self.reward_cfg,
+                     step_doc_ids=tr.doc_ids) for tr in trajs]
+    rewards = [self.algo.shape_rewards(token_rewards(r, tr.search_end_indices,
+                                                     len(tr.response_ids)))
+               for r, tr in zip(results, trajs)]
+    times["time/reward_s"] = time.time() - t
+    t = time.time()
+    batch = self.learner.make_batch(trajs, rewards, pad_id=self.ws.tokenizer.pad_token_id)
+    batch = self.learner.prepare(batch)
+    batch, adv = self.learner.advantages(batch)
+    jax.block_until_ready(batch)
+    times["time/logprobs_values_s"] = time.time() - t
+    t = time.time()
+    upd = self.learner.update(batch)
+    times["time/update_s"] = time.time() - t
+    losses = [v for k, v in upd.items() if k.endswith("loss")]
+    if not all(np.isfinite(losses)):
+      raise FloatingPointError(
+          f"non-finite loss at step {step + 1} ({ {k: upd[k] for k in upd if k.endswith('loss')} }); "
+          f"stopping without saving; the last good checkpoint is step {self.ckpt.latest_step()}")
+    t = time.time()
+    self.engine.swap_params(self.learner.policy_params)
+    times["time/weight_push_s"] = time.time() - t
+    return {**reward_stats(results, trajs), **adv, **upd, **times,
+            "data/position": position, "rollout/tokens_per_s": trajs.stats.get("tokens_per_s", 0)}
+
+  def save(self, step: int, position: int) -> None:
+    from stepsearch_jax import ppo
+    meta = dict(config=self.cfg.to_dict(), data_position=int(position),
+                rng=ppo.rng_to_json(jax.random.fold_in(self.key, step)))
+    self.ckpt.save(step, self.learner.state, fingerprint=self.ws.fingerprint, meta=meta,
+                   finite=ppo.is_finite(self.learner.state))
+
+  def run(self) -> dict:
+    cfg = self.cfg
+    results = {}
+    if cfg.eval_before_train and self.start_step == 0:
+      results["before"] = self.validate(0, "step_0")
+    bar = tqdm(range(self.start_step, cfg.total_steps), desc=f"{cfg.algo.name}", unit="step",
+               initial=self.start_step, total=cfg.total_steps, disable=not self.main_process)
+    m = {}
+    for step in bar:
+      t0 = time.time()
+      m = self.step(step)
+      m["time/step_s"] = time.time() - t0
+      done = step + 1
+      self.writer.write(done, m)
+      bar.set_postfix(F1=f"{m['reward/answer_f1']:.2f}", srch=f"{m['rollout/searches']:.1f}",
+                      pg=f"{m.get('pg_loss', 0):.3f}")
+      if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.total_steps):
+        self.save(done, m["data/position"])
+      if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.total_steps:
+        self.validate(done, f"step_{done}")
+    self.ckpt.wait()
+    if cfg.eval_every or cfg.eval_before_train:
+      results["after"] = self.validate(cfg.total_steps, f"step_{cfg.total_steps}")
+    return results
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
+    self.ws.close()
+
+
+def write_results(workdir: str, results: dict, timings: dict) -> None:
+  """results.json (em/f1 before and after RL) and results.md, when both evaluations ran."""
+  before, after = results.get("before"), results.get("after")
+  out = {"timings": timings}
+  if after:
+    out.update(em_after=after["em"], f1_after=after["f1"], searches_after=after["searches"])
+  if before:
+    out.update(em_before=before["em"], f1_before=before["f1"], searches_before=before["searches"])
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=2)
+  if before and after:
+    rows = [{"policy": "warm start (before RL)", "EM": before["em"], "F1": before["f1"],
+             "searches/q": before["searches"]},
+            {"policy": "after StePPO", "EM": after["em"], "F1": after["f1"],
+             "searches/q": after["searches"]}]
+    table = metrics.markdown_table(rows, ["policy", "EM", "F1", "searches/q"])
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+    print(table)
+    print(f"held-out EM before RL {before['em']:.3f} -> after {after['em']:.3f} "
+          f"(gain {after['em'] - before['em']:+.3f})")
+
+
 def main(argv):
   del argv
   cfg = cli.load()
-  path = config_lib.write_config(cfg, _WORKDIR.value)
-  logging.info("resolved config written to %s", path)
+  workdir = _WORKDIR.value
+  path = config_lib.write_config(cfg, workdir)
   print(f"config: {path}")
-  print(json.dumps({"algo": cfg.algo.name, "total_steps": cfg.total_steps}, indent=None))
+  if _DRY_RUN.value:
+    return
+  t0 = time.time()
+  trainer = Trainer(cfg, workdir)
+  try:
+    results = trainer.run()
+    timings = {**trainer.ws.timings, "total_s": time.time() - t0}
+    if trainer.main_process:
+      write_results(workdir, results, timings)
+      if cfg.curves_png:
+        png = metrics.plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                                  os.path.join(workdir, "curves.png"),
+                                  title=f"{cfg.algo.name} on {workdir}")
+        if png:
+          print(f"training curves: {png}")
+      if _EXPORT_HF.value:
+        from stepsearch_jax import models
+        models.save_pretrained(_EXPORT_HF.value, trainer.model_config,
+                               jax.device_get(trainer.learner.policy_params))
+        trainer.ws.tokenizer.save_pretrained(_EXPORT_HF.value)
+        print(f"exported policy to {_EXPORT_HF.value}")
+  finally:
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+"""Everything a run needs before its first step: data, tokenizer, retrieval sidecar, models.
+
+train.py, evaluate.py and bench/rl_compare.py share this so that "the same warm start, the same
+index, the same data" is one function call, not three copies. Each step writes into the workdir and
+is reused when it is already there (world files, tokenizer, index, warm-start weights), so a
+restarted run reproduces the first one exactly and a fingerprint pins the index to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from stepsearch_jax import models
+from stepsearch_jax.data import records as records_lib
+
+
+@dataclasses.dataclass
+class Workspace:
+  cfg: Any
+  workdir: str
+  train_records: list
+  val_records: list
+  tokenizer: Any
+  retriever: Any
+  fingerprint: str
+  world: Any = None                    # the synthetic World (demo) or None
+  corpus: str = ""
+  server: Any = None                   # the retrieval subprocess we started, if any
+  timings: dict = dataclasses.field(default_factory=dict)
+
+  def close(self) -> None:
+    if self.retriever is not None:
+      self.retriever.close()
+    if self.server is not None and self.server.poll() is None:
+      self.server.terminate()
+      try:
+        self.server.wait(timeout=10)
+      except Exception:  # noqa: BLE001 - best effort shutdown
+        self.server.kill()
+
+
+def _check_files(key: str, value: str) -> list[str]:
+  paths = [p for p in value.split(",") if p]
+  for p in paths:
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"config.{key}: data file {p} does not exist")
+  return paths
+
+
+def prepare_data(cfg, workdir: str):
+  """(train_records, val_records, world, corpus) from the synthetic world or the configured files."""
+  world, corpus = None, cfg.retrieval.corpus
+  if cfg.data.synthetic.enabled:
+    from stepsearch_jax.data import synthetic
+    out = synthetic.world_from_config(cfg.data.synthetic, os.path.join(workdir, "world"))
+    world, corpus = out["world"], out["corpus"]
+    train_files, val_files = [out["train"]], [out["test"]]
+  else:
+    train_files = _check_files("data.train_files", cfg.data.train_files)
+    val_files = _check_files("data.val_files", cfg.data.val_files)
+    if not train_files:
+      raise ValueError("config.data.train_files is empty and data.synthetic.enabled is False")
+  train = records_lib.load_records(train_files)
+  val = records_lib.load_records(val_files) if val_files else []
+  if cfg.data.val_limit > 0:
+    val = val[:cfg.data.val_limit]
+  return train, val, world, corpus
+
+
+def tokenizer_texts(world, train, val) -> list[str]:
+  """Every text the demo tokenizer must encode losslessly: passages, prompts, demos, warnings."""
+  from stepsearch_jax.data import synthetic
+  from stepsearch_jax.rollout import loop
+  texts = [loop.INVALID_ACTION, loop.LAST_TURN, "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
+  texts += [f"{r['title']} {r['content']}" for r in world.corpus]
+  texts += [records_lib.render_prompt(None, r) for r in train + val]
+  rng = random.Random(0)
+  for r in train[:300]:
+    for quality in (1.0, 0.0):
+      texts += [t.get("text", "") + " " + t.get("query", "")
+                for t in synthetic.demonstration(r, world, quality=quality, rng=rng)]
+  return texts
+
+
+def prepare_tokenizer(cfg, workdir: str, world, train, val):
+  from stepsearch_jax.data import wordlevel
+  path = cfg.tokenizer.path or cfg.model.hf_path
+  if path:
+    return wordlevel.load(path)
+  if world is None:
+    raise ValueError("config.tokenizer.path and config.model.hf_path are empty: a word-level "
+                     "tokenizer can only be trained for the synthetic world")
+  out = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return wordlevel.load(out)
+  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val), out)
+
+
+def start_retrieval(cfg, workdir: str, corpus: str):
+  """Client (+ our server subprocess) for config.retrieval; builds the index first if needed."""
+  from stepsearch_jax.rollout.retriever import RetrieverClient
+  proc = None
+  url = cfg.retrieval.url
+  if cfg.retrieval.start_server:
+    from retrieval import build_index, server
+    index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
+    if not os.path.exists(os.path.join(index_dir, "manifest.json")):
+      if not corpus:
+        raise ValueError("config.retrieval.start_server needs retrieval.index_dir with a built "
+                         "index or retrieval.corpus to build one")
+      build_index.build(corpus, index_dir, encoder=cfg.retrieval.encoder or None,
+                        index_type=cfg.retrieval.index_type, progress=False)
+    proc, url = server.start_subprocess(index_dir)
+  client = RetrieverClient(url, topk=cfg.retrieval.topk, timeout_s=cfg.retrieval.timeout_s,
+                           retries=cfg.retrieval.retries)
+  fingerprint = str(client.health().get("fingerprint", ""))
+  return client, fingerprint, proc
+
+
+def model_config(cfg, tokenizer) -> models.ModelConfig:
+  fields = dict(cfg.model.init)
+  if not fields.get("vocab_size"):
+    fields["vocab_size"] = len(tokenizer)
+  return models.ModelConfig(**fields, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                            remat=cfg.model.remat)
+
+
+def init_policy(cfg, tokenizer, key):
+  """(ModelConfig, params): from model.hf_path, or a random init of model.init."""
+  if cfg.model.hf_path:
+    config, params = models.load_pretrained(cfg.model.hf_path, dtype=cfg.model.dtype,
+                                            param_dtype=cfg.model.param_dtype)
+    return dataclasses.replace(config, remat=cfg.model.remat), params
+  config = model_config(cfg, tokenizer)
+  return config, models.init_params(config, key)
+
+
+def demonstration_examples(cfg, ws: Workspace) -> list[tuple[list[int], list[int]]]:
+  """(ids, loss_mask) warm-start examples: prompt + a demonstration with real retrieval results."""
+  from stepsearch_jax.data import synthetic
+  from stepsearch_jax.rollout import loop
+  tok, rng = ws.tokenizer, random.Random(cfg.sft.seed)
+  records = ws.train_records[:cfg.sft.num_examples]
+  demos = [synthetic.demonstration(r, ws.world, quality=cfg.sft.quality, rng=rng) for r in records]
+  queries = sorted({t["query"] for d in demos for t in d if t["kind"] == "search"})
+  results = dict(zip(queries, ws.retriever.search(queries))) if queries else {}
+  out = []
+  for r, demo in zip(records, demos):
+    ids = list(tok.encode(loop.prompt_text(r, tok, cfg.data.template), add_special_tokens=False))
+    mask = [0] * len(ids)
+    for turn in demo:
+      if turn["kind"] == "model":
+        piece, m = tok.encode(turn["text"], add_special_tokens=False), 1
+      else:
+        docs = [x["document"] for x in results[turn["query"]]]
+        piece, m = tok.encode(loop.format_information(docs), add_special_tokens=False), 0
+      ids += piece
+      mask += [m] * len(piece)
+    out.append((ids, mask))
+  return out
+
+
+def warm_started_policy(cfg, ws: Workspace, config, params):
+  """Run (or reuse from DIR/warmstart) the supervised warm start; returns params."""
+  if cfg.sft.steps <= 0:
+    return params
+  path = os.path.join(ws.workdir, "warmstart")
+  if os.path.exists(os.path.join(path, "config.json")):
+    _, params = models.load_pretrained(path, dtype=cfg.model.dtype,
+                                       param_dtype=cfg.model.param_dtype)
+    logging.info("warm start reused from %s", path)
+    return params
+  if ws.world is None:
+    raise ValueError("config.sft.steps > 0 needs the synthetic world (data.synthetic.enabled)")
+  from stepsearch_jax.sft import warm_start
+  t0 = time.time()
+  examples = demonstration_examples(cfg, ws)
+  params, losses = warm_start(config, params, examples, steps=cfg.sft.steps,
+                              batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                              pad_id=ws.tokenizer.pad_token_id, seed=cfg.sft.seed)
+  models.save_pretrained(path, config, params)
+  ws.tokenizer.save_pretrained(path)
+  with open(os.path.join(path, "losses.json"), "w") as f:
+    json.dump(losses, f)
+  ws.timings["warm_start_s"] = time.time() - t0
+  return params
+
+
+def open_workspace(cfg, workdir: str) -> Workspace:
+  t0 = time.time()
+  train, val, world, corpus = prepare_data(cfg, workdir)
+  tok = prepare_tokenizer(cfg, workdir, world, train, val)
+  t1 = time.time()
+  client, fingerprint, proc = start_retrieval(cfg, workdir, corpus)
+  ws = Workspace(cfg=cfg, workdir=workdir, train_records=train, val_records=val, tokenizer=tok,
+                 retriever=client, fingerprint=fingerprint, world=world, corpus=corpus, server=proc)
+  ws.timings.update(data_s=t1 - t0, retrieval_start_s=time.time() - t1)
+  return ws
+
+
+def engine_for(cfg, config, params, tokenizer, mesh=None):
+  """A StepSearchEngine sized from config.rollout (cache holds a context plus one turn)."""
+  from stepsearch_jax.engine.engine import StepSearchEngine
+  r = cfg.rollout
+  prefill = 16
+  while prefill < r.max_context:
+    prefill *= 2
+  cache_len = prefill + r.max_tokens_per_turn + r.max_obs_tokens
+  slots = min(r.num_slots, max(cfg.data.batch_size * r.n, cfg.data.val_batch_size))
+  return StepSearchEngine(config, params, tokenizer, num_slots=slots, cache_len=cache_len,
+                          max_prefill_length=prefill, seed=cfg.seed, mesh=mesh)
+
+
+def new_key(seed: int):
+  return jax.random.PRNGKey(seed)
