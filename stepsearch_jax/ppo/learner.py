@@ -107,7 +107,10 @@ class Learner:
     return batch_lib.make_batch(trajectories, shaped, **kwargs)
 
   def prepare(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
-    """Old log-probs, reference log-probs and values in one jitted pass (device batch out)."""
+    """Old log-probs, reference log-probs and values in one jitted pass (device batch out).
+
+    A device batch passed in is donated (use the returned one); a host batch is copied first.
+    """
     batch = self.to_device(batch)
     key = jax.tree.map(lambda x: (x.shape, x.dtype), batch)
     key = tuple(jax.tree.leaves(key))
