@@ -161,6 +161,8 @@ class Learner:
 
   @property
   def policy_params(self):
+    """The live policy params. The next update() DONATES them: holders (the engine) must either
+    copy (jax.device_put(..., may_alias=False)) or re-fetch after every update."""
     return self.state["policy"]
 
   @property
