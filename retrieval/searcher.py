@@ -38,6 +38,11 @@ class Searcher:
     else:
       import faiss
       faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+      # On small shared machines faiss's OpenMP team (spinning barriers) fights XLA's thread pool
+      # and other processes: measured here under load, 2 threads made Flat search 5-30x SLOWER
+      # than 1. Default to 1 thread on <= 4 cores; pass faiss_threads on big hosts.
+      if faiss_threads is None and (os.cpu_count() or 1) <= 4:
+        faiss_threads = 1
       if faiss_threads:
         faiss.omp_set_num_threads(faiss_threads)
       self.index = faiss.read_index(os.path.join(index_dir, "index.faiss"))

@@ -9,8 +9,10 @@ as in StepSearch's server). GET /health returns the index fingerprint, sizes and
 Concurrency model: uvicorn's event loop parses and validates requests and answers cache hits
 directly. Misses go onto a queue drained by ONE worker thread; each time the worker wakes it takes
 everything queued (up to `max_batch` queries) and runs one encode + search for all of it, so 32
-clients sending one query each cost a few batched model calls, not 32 sequential ones. JAX, FAISS
-and the tokenizer release the GIL, so the loop keeps accepting requests meanwhile. The response
+clients sending one query each cost a few batched model calls, not 32 sequential ones. When the
+previous batch merged several requests the worker lingers `linger_ms` for the clients it just
+answered to come back (without it, 32 clients settle into two alternating half-size batches).
+JAX, FAISS and the tokenizer release the GIL, so the loop keeps accepting requests meanwhile. The response
 body is assembled from the corpus lines' raw bytes, so documents come back exactly as stored.
 
 The LRU cache is keyed by (whitespace-normalised query, topk). Whitespace normalisation cannot
@@ -115,11 +117,13 @@ def parse_request(body: bytes, limits: Limits, default_topk: int) -> tuple[list[
 class Batcher:
   """One worker thread that turns whatever requests are queued into one search_many call."""
 
-  def __init__(self, searcher, max_batch: int = 256, start: bool = True):
+  def __init__(self, searcher, max_batch: int = 256, linger_ms: float = 3.0, start: bool = True):
     self.searcher = searcher
     self.max_batch = max_batch
+    self.linger_s = linger_ms / 1000.0
     self.batches = 0
     self.batched_queries = 0
+    self.busy_s = 0.0          # time spent in search_many: busy_s / wall time = worker load
     self._queue: queue.Queue = queue.Queue()
     self._thread = threading.Thread(target=self._run, name="retrieval-batcher", daemon=True)
     if start:
@@ -135,21 +139,30 @@ class Batcher:
     return await fut
 
   def _run(self) -> None:
+    last_requests = 1
     while True:
       items = [self._queue.get()]
       n = len(items[0][0])
+      # Under concurrency (the last batch merged several requests) wait a few ms for the clients
+      # just answered to send their next request, so batches stay large; a lone client never
+      # waits.
+      deadline = time.perf_counter() + (self.linger_s if last_requests > 1 else 0.0)
       while n < self.max_batch:
         try:
-          items.append(self._queue.get_nowait())
+          items.append(self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                       if time.perf_counter() < deadline else self._queue.get_nowait())
         except queue.Empty:
           break
         n += len(items[-1][0])
+      last_requests = len(items)
       queries = [q for it in items for q in it[0]]
       topks = [it[1] for it in items for _ in it[0]]
+      t0 = time.perf_counter()
       try:
         rows = self.searcher.search_many(queries, topks)
         self.batches += 1
         self.batched_queries += len(queries)
+        self.busy_s += time.perf_counter() - t0
       except Exception as e:  # noqa: BLE001  (reported to each waiting request as a 500)
         for _, _, fut, loop in items:
           loop.call_soon_threadsafe(_set, fut, None, e)
@@ -195,14 +208,15 @@ class LRU:
 
 
 def create_app(searcher, limits: Limits | None = None, token: str | None = None,
-               cache_size: int = 50_000, default_topk: int = 3, max_batch: int = 256):
+               cache_size: int = 50_000, default_topk: int = 3, max_batch: int = 256,
+               linger_ms: float = 3.0):
   """The FastAPI app; `searcher` is a retrieval.searcher.Searcher (already warmed up)."""
   from fastapi import FastAPI, Request
   from fastapi.responses import JSONResponse, Response
 
   limits = limits or Limits()
   app = FastAPI(title="stepsearch_jax retrieval", docs_url=None, redoc_url=None)
-  batcher = Batcher(searcher, max_batch)
+  batcher = Batcher(searcher, max_batch, linger_ms)
   cache = LRU(cache_size)
   corpus = searcher.corpus
   expected_auth = f"Bearer {token}".encode() if token else None
@@ -274,7 +288,8 @@ def create_app(searcher, limits: Limits | None = None, token: str | None = None,
                 "name": m["encoder"]["name"], "dtype": searcher.encoder.dtype},
             "limits": limits.as_dict(), "default_topk": default_topk,
             "cache": {"entries": len(cache.data), "hits": cache.hits, "misses": cache.misses},
-            "batches": batcher.batches, "batched_queries": batcher.batched_queries}
+            "batches": batcher.batches, "batched_queries": batcher.batched_queries,
+            "worker_busy_s": round(batcher.busy_s, 3)}
 
   return app
 
@@ -301,12 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="query encoder dtype (default: the dtype the passages were encoded with)")
   p.add_argument("--topk", type=int, default=3, help="topk when a request omits it")
   p.add_argument("--max_batch", type=int, default=256, help="queries per micro-batch")
+  p.add_argument("--linger_ms", type=float, default=3.0,
+                 help="under concurrency, wait this long for more requests to join a batch")
   p.add_argument("--cache_size", type=int, default=50_000, help="LRU entries; 0 disables")
   p.add_argument("--max_queries", type=int, default=1024)
   p.add_argument("--max_query_chars", type=int, default=4096)
   p.add_argument("--max_topk", type=int, default=100)
   p.add_argument("--max_body_bytes", type=int, default=8 << 20)
-  p.add_argument("--faiss_threads", type=int, default=None)
+  p.add_argument("--faiss_threads", type=int, default=None,
+                 help="OpenMP threads for FAISS (default: 1 on <= 4 cores, else faiss's own)")
   p.add_argument("--warmup_batch", type=int, default=64,
                  help="compile encoder batch shapes up to this size before serving (0: none)")
   p.add_argument("--log_level", default="warning")
@@ -326,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{searcher.index_type}, fingerprint {searcher.fingerprint}) ready in "
         f"{time.time() - t0:.1f}s on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
   app = create_app(searcher, Limits(a.max_queries, a.max_query_chars, a.max_topk,
-                                    a.max_body_bytes), a.token, a.cache_size, a.topk, a.max_batch)
+                                    a.max_body_bytes), a.token, a.cache_size, a.topk, a.max_batch,
+                   a.linger_ms)
   uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
   return 0
 
