@@ -46,9 +46,20 @@ def _loss(config, params, tokens, attn, mask):
 
 
 def warm_start(config, params, examples, *, steps: int, batch_size: int, lr: float, pad_id: int,
-               seed: int = 0, weight_decay: float = 0.0, log=print):
-  """Train `params` for `steps` AdamW steps on (ids, loss_mask) examples; returns (params, losses)."""
-  tokens, attn, mask = pack(examples, pad_id)
+               seed: int = 0, weight_decay: float = 0.0, bucket: int = 128, log=print):
+  """Train `params` for `steps` AdamW steps on (ids, loss_mask) examples; returns (params, losses).
+
+  Examples are grouped into length buckets (multiples of `bucket`) and each step draws one batch
+  from one bucket, chosen in proportion to its size: attention cost grows with the square of the
+  padded length, and a handful of fixed shapes compile once each.
+  """
+  groups: dict[int, list] = {}
+  for ex in examples:
+    groups.setdefault(-(-len(ex[0]) // bucket) * bucket, []).append(ex)
+  packed = {length: pack(exs, pad_id, multiple=length) for length, exs in sorted(groups.items())}
+  lengths = sorted(packed)
+  weights = np.array([len(groups[n]) for n in lengths], np.float64)
+  weights /= weights.sum()
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10),
                                                                     steps, lr * 0.1),
@@ -66,11 +77,12 @@ def warm_start(config, params, examples, *, steps: int, batch_size: int, lr: flo
   t0 = time.time()
   bar = tqdm(range(steps), desc="warm start", unit="step", leave=False)
   for _ in bar:
-    # One fixed shape for every step: a recompile costs more than the padding it would save.
-    idx = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
+    length = lengths[rng.choice(len(lengths), p=weights)]
+    tokens, attn, mask = packed[length]
+    idx = rng.choice(len(tokens), size=batch_size, replace=len(tokens) < batch_size)
     params, opt_state, loss = step(params, opt_state, tokens[idx], attn[idx], mask[idx])
     losses.append(float(loss))
-    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.set_postfix(loss=f"{losses[-1]:.3f}", len=length)
   log(f"warm start: {steps} steps in {time.time() - t0:.1f}s, loss {losses[0]:.3f} -> "
       f"{np.mean(losses[-10:]):.3f}")
   return params, losses

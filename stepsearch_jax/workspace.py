@@ -90,11 +90,19 @@ def tokenizer_texts(world, train, val) -> list[str]:
   return texts
 
 
+def resolve_model_path(path: str) -> str:
+  """"smollm2" names the offline SmolLM2-135M-Instruct (converted once from its GGUF)."""
+  return models.smollm2_path() if path == "smollm2" else path
+
+
 def prepare_tokenizer(cfg, workdir: str, world, train, val):
   from stepsearch_jax.data import wordlevel
-  path = cfg.tokenizer.path or cfg.model.hf_path
+  path = resolve_model_path(cfg.tokenizer.path or cfg.model.hf_path)
   if path:
-    return wordlevel.load(path)
+    tok = wordlevel.load(path)
+    if tok.pad_token is None:   # as for Qwen base models: padding is masked, EOS is a safe id
+      tok.pad_token = tok.eos_token
+    return tok
   if world is None:
     raise ValueError("config.tokenizer.path and config.model.hf_path are empty: a word-level "
                      "tokenizer can only be trained for the synthetic world")
@@ -136,7 +144,8 @@ def model_config(cfg, tokenizer) -> models.ModelConfig:
 def init_policy(cfg, tokenizer, key):
   """(ModelConfig, params): from model.hf_path, or a random init of model.init."""
   if cfg.model.hf_path:
-    config, params = models.load_pretrained(cfg.model.hf_path, dtype=cfg.model.dtype,
+    config, params = models.load_pretrained(resolve_model_path(cfg.model.hf_path),
+                                            dtype=cfg.model.dtype,
                                             param_dtype=cfg.model.param_dtype)
     return dataclasses.replace(config, remat=cfg.model.remat), params
   config = model_config(cfg, tokenizer)
