@@ -30,6 +30,7 @@ class Searcher:
     path = corpus or self.manifest["corpus"]
     self.corpus = CorpusReader(path, np.load(os.path.join(index_dir, "offsets.npy")))
     self.encoder = None
+    self._faiss_threads = None
     if self.index_type == "bm25":
       import bm25s
       self._bm25 = bm25s.BM25.load(os.path.join(index_dir, "bm25"), load_vocab=True,
@@ -43,8 +44,7 @@ class Searcher:
       # than 1. Default to 1 thread on <= 4 cores; pass faiss_threads on big hosts.
       if faiss_threads is None and (os.cpu_count() or 1) <= 4:
         faiss_threads = 1
-      if faiss_threads:
-        faiss.omp_set_num_threads(faiss_threads)
+      self._faiss_threads = faiss_threads
       self.index = faiss.read_index(os.path.join(index_dir, "index.faiss"))
       if self.index_type == "hnsw":
         self.index.hnsw.efSearch = 128
@@ -57,6 +57,13 @@ class Searcher:
       if self.encoder.dim != self.manifest["dim"]:
         raise ValueError(f"encoder {self.encoder.path} has dim {self.encoder.dim} but index "
                          f"{index_dir} was built with dim {self.manifest['dim']}")
+
+  def _omp(self) -> None:
+    # OpenMP's thread count is per calling thread: the server searches from a worker thread, so
+    # setting it once at load time (main thread) would not apply there.
+    if self._faiss_threads:
+      import faiss
+      faiss.omp_set_num_threads(self._faiss_threads)
 
   @property
   def fingerprint(self) -> str:
@@ -72,6 +79,7 @@ class Searcher:
     if self.encoder is None:
       return self._search_bm25(queries, topk)
     emb = self.encoder.encode(queries, kind="query")
+    self._omp()
     scores, ids = self.index.search(emb, topk)
     return ids, scores
 
@@ -105,6 +113,7 @@ class Searcher:
       groups.setdefault(k, []).append(i)
     out: list = [None] * len(queries)
     emb = None if self.encoder is None else self.encoder.encode(queries, kind="query")
+    self._omp()
     for k, rows in groups.items():
       if emb is None:
         ids, scores = self._search_bm25([queries[i] for i in rows], k)
