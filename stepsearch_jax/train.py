@@ -7,12 +7,20 @@ values (one jit) -> advantages -> mini-batch updates (one jit each) -> push weig
 A restart with the same DIR resumes from the latest checkpoint (policy, critic, optimizers, step,
 data position, RNG); a different retrieval index stops with a clear message. `--config.total_steps`
 sets where training ends, so re-running with a larger value continues a finished run.
+
+Faults: a run killed at any point (even SIGKILL mid-step or mid-save) resumes from the last
+committed checkpoint and, since every step's data and RNG are pure functions of (seed, step),
+repeats the lost steps exactly; metrics.jsonl rows of lost steps are dropped on resume. A
+non-finite loss or non-finite weights after an update stop the run before anything is saved.
+Missing/corrupt data, an unreachable retrieval sidecar and an index that differs from the
+checkpoint's stop with one `FATAL ...` line naming the file, URL or fingerprint (exit code 1).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -63,23 +71,35 @@ class Trainer:
   """Owns the run: workspace, engine, learner, checkpoints, metrics."""
 
   def __init__(self, cfg, workdir: str):
-    from stepsearch_jax import distributed, models, ppo, workspace
-    from stepsearch_jax.models import sharding
-    from stepsearch_jax.rewards import RewardConfig
+    from stepsearch_jax import distributed, workspace
     self.cfg, self.workdir = cfg, workdir
     self.process_index, _ = distributed.maybe_initialize()
     self.main_process = self.process_index == 0
     self.ws = workspace.open_workspace(cfg, workdir)
+    print(f"retrieval: {self.ws.retriever.url} (index fingerprint {self.ws.fingerprint})",
+          flush=True)
+    try:
+      self._build(cfg, workdir)
+    except BaseException:
+      self.ws.close()          # never leave the retrieval subprocess behind
+      raise
+
+  def _build(self, cfg, workdir: str) -> None:
+    from stepsearch_jax import models, ppo, workspace
+    from stepsearch_jax.models import sharding
+    from stepsearch_jax.rewards import RewardConfig
     self.key = jax.random.PRNGKey(cfg.seed)
     self.mesh = sharding.make_mesh(dict(cfg.mesh))
     self.algo = ppo.get_algorithm(cfg.algo.name)
     self.reward_cfg = RewardConfig.from_config(self.algo.reward_config(cfg.reward))
     self.ckpt = ppo.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    resuming = self.ckpt.latest_step() is not None
+    if resuming:   # before any model is loaded: a wrong index must fail in seconds, not minutes
+      self.check_fingerprint(self.ckpt.read_meta())
 
     t0 = time.time()
     self.model_config, params = workspace.init_policy(cfg, self.ws.tokenizer,
                                                       jax.random.fold_in(self.key, 1))
-    resuming = self.ckpt.latest_step() is not None
     if not resuming:
       params = workspace.warm_started_policy(cfg, self.ws, self.model_config, params)
     elif cfg.sft.steps > 0:   # the reference model is the warm-started policy
@@ -98,12 +118,28 @@ class Trainer:
       state, meta = restored
       self.learner.load_state(state)
       self.start_step = int(meta["step"])
+      if int(meta.get("data_position", -1)) != self.start_step * cfg.data.batch_size:
+        logging.warning("checkpoint %d was written with data position %s, but this config puts "
+                        "step %d at %d (data.batch_size changed?)", self.start_step,
+                        meta.get("data_position"), self.start_step,
+                        self.start_step * cfg.data.batch_size)
       logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
       print(f"resumed from step {self.start_step}")
+    if self.main_process:
+      drop_lost_metrics(os.path.join(workdir, "metrics.jsonl"), self.start_step)
     self.engine = workspace.engine_for(cfg, self.model_config, self.learner.policy_params,
                                        self.ws.tokenizer)
     self.ws.timings["model_init_s"] = time.time() - t0
     self.writer = metrics.MetricsWriter(workdir, enabled=self.main_process)
+
+  def check_fingerprint(self, meta: dict) -> None:
+    from stepsearch_jax.ppo import FingerprintMismatchError
+    if meta.get("fingerprint") != self.ws.fingerprint:
+      raise FingerprintMismatchError(
+          f"checkpoint step {meta.get('step')} in {self.ckpt.directory} was written with retrieval "
+          f"index fingerprint {meta.get('fingerprint')!r}, but the index served at "
+          f"{self.ws.retriever.url} has {self.ws.fingerprint!r}; resume with the same index "
+          "(retrieval.index_dir / retrieval.url) or start a fresh workdir")
 
   # ------------------------------------------------------------------------------------------
   def validate(self, step: int, tag: str) -> dict:
@@ -150,16 +186,33 @@ class Trainer:
     t = time.time()
     upd = self.learner.update(batch)
     times["time/update_s"] = time.time() - t
-    losses = [v for k, v in upd.items() if k.endswith("loss")]
-    if not all(np.isfinite(losses)):
-      raise FloatingPointError(
-          f"non-finite loss at step {step + 1} ({ {k: upd[k] for k in upd if k.endswith('loss')} }); "
-          f"stopping without saving; the last good checkpoint is step {self.ckpt.latest_step()}")
+    self.check_finite(step + 1, upd)
     t = time.time()
     self.engine.swap_params(self.learner.policy_params)
     times["time/weight_push_s"] = time.time() - t
     return {**reward_stats(results, trajs), **adv, **upd, **times,
             "data/position": position, "rollout/tokens_per_s": trajs.stats.get("tokens_per_s", 0)}
+
+  def check_finite(self, step: int, upd: dict) -> None:
+    """Stop (FloatingPointError) on a non-finite loss or non-finite weights after an update.
+
+    The loss is computed before the update, so a step whose update blows the weights up still
+    reports a finite loss: the weights themselves are checked too (one reduction on device),
+    before they can reach the engine or a checkpoint.
+    """
+    from stepsearch_jax import ppo
+    losses = {k: v for k, v in upd.items() if k.endswith(("loss", "grad_norm"))}
+    bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
+    if not bad and ppo.is_finite(self.learner.state):
+      return
+    self.ckpt.wait()
+    what = (f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}" if bad else
+            "non-finite policy/critic weights or optimizer state after the update "
+            f"(losses {losses})")
+    raise FloatingPointError(
+        f"{what} at step {step}; stopping without saving it. The last good checkpoint is step "
+        f"{self.ckpt.latest_step()} in {self.ckpt.directory} (lower optim.actor_lr / "
+        "optim.critic_lr or check the rewards before resuming)")
 
   def save(self, step: int, position: int) -> None:
     from stepsearch_jax import ppo
@@ -199,6 +252,41 @@ class Trainer:
     self.ws.close()
 
 
+def drop_lost_metrics(path: str, start_step: int) -> int:
+  """Keep only metrics.jsonl rows of steps <= start_step (later ones belong to a lost run).
+
+  A run killed after logging a step but before its checkpoint committed repeats that step on
+  resume; without this the file would hold the step twice. Returns the number of rows dropped.
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue                     # a row torn by the kill
+    if 0 < step <= start_step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
+def fatal_errors() -> tuple[type, ...]:
+  """Errors that stop a run with one clear line (their messages name file / URL / key)."""
+  from stepsearch_jax.data.records import RecordError
+  from stepsearch_jax.ppo import FingerprintMismatchError
+  from stepsearch_jax.rollout.retriever import RetrievalError
+  return (FloatingPointError, FingerprintMismatchError, RetrievalError, RecordError,
+          FileNotFoundError)
+
+
 def write_results(workdir: str, results: dict, timings: dict) -> None:
   """results.json (em/f1 before and after RL) and results.md, when both evaluations ran."""
   before, after = results.get("before"), results.get("after")
@@ -230,6 +318,14 @@ def main(argv):
   print(f"config: {path}")
   if _DRY_RUN.value:
     return
+  try:
+    train(cfg, workdir)
+  except fatal_errors() as e:
+    sys.exit(f"FATAL {type(e).__name__}: {e}")
+
+
+def train(cfg, workdir: str) -> None:
+  """Build the Trainer, run it, write results / curves / the HF export."""
   t0 = time.time()
   trainer = Trainer(cfg, workdir)
   try:
