@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.seed = 0
   c.data.synthetic.enabled = True
   c.data.synthetic.num_people = 120
+  c.data.synthetic.compact_names = True
   c.data.synthetic.num_train = 1024
   c.data.synthetic.num_test = 128
   c.data.synthetic.min_hops = 2

@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Synthetic multi-hop world (used when train_files is empty).
   c.data.synthetic = ml_collections.ConfigDict(dict(
       enabled=False, seed=0, num_people=200, num_train=512, num_test=128, min_hops=2, max_hops=4,
-      distractors_per_fact=1))
+      distractors_per_fact=1, compact_names=False))
 
   # Supervised warm start on synthetic-world demonstrations before RL (0 steps = none). The demo
   # uses imperfect demonstrations (quality < 1) so the format is known but the search policy weak.

@@ -158,8 +158,16 @@ def _unique_names(rng, count, make, taken: set) -> list[str]:
   return names
 
 
-def build_world(seed: int = 0, num_people: int = 200, distractors_per_fact: int = 1) -> World:
-  """Invent entities and facts deterministically from `seed`; no files are written."""
+def build_world(seed: int = 0, num_people: int = 200, distractors_per_fact: int = 1,
+                compact_names: bool = False) -> World:
+  """Invent entities and facts deterministically from `seed`; no files are written.
+
+  compact_names: people, organisations and works get one-word names ("AmaaWendley" instead of
+  "Amaa Wendley"), so a word-level tokenizer gives every entity one token. A tiny demo policy
+  learns to copy one token from the retrieved passage into its next query far sooner than two.
+  The random draws are the same either way, so the worlds differ only in spelling.
+  """
+  sep = "" if compact_names else " "
   if num_people < 4:
     raise ValueError(f"num_people={num_people} must be >= 4")
   rng = random.Random(seed)
@@ -167,15 +175,16 @@ def build_world(seed: int = 0, num_people: int = 200, distractors_per_fact: int 
   firsts = _pool(rng, _FIRST_A, _FIRST_B, side)
   lasts = _pool(rng, _LAST_A, _LAST_B, side)
   taken: set = set()
-  people = _unique_names(rng, num_people, lambda: f"{rng.choice(firsts)} {rng.choice(lasts)}", taken)
+  people = _unique_names(rng, num_people, lambda: f"{rng.choice(firsts)}{sep}{rng.choice(lasts)}",
+                         taken)
   n_places = max(6, num_people // 6)
   places = _unique_names(rng, n_places, lambda: rng.choice(_PLACE_A) + rng.choice(_PLACE_B), taken)
   countries = rng.sample(_COUNTRY, min(len(_COUNTRY), max(3, n_places // 4)))
   taken.update(countries)
   orgs = _unique_names(rng, max(4, num_people // 10),
-                       lambda: f"{rng.choice(_ORG_A)} {rng.choice(_ORG_B)}", taken)
+                       lambda: f"{rng.choice(_ORG_A)}{sep}{rng.choice(_ORG_B)}", taken)
   works = _unique_names(rng, max(4, num_people // 2),
-                        lambda: f"{rng.choice(_WORK_A)} {rng.choice(_WORK_B)}", taken)
+                        lambda: f"{rng.choice(_WORK_A)}{sep}{rng.choice(_WORK_B)}", taken)
   entities = {"person": people, "place": places, "country": countries, "org": orgs, "work": works}
 
   facts = {}
@@ -191,10 +200,15 @@ def build_world(seed: int = 0, num_people: int = 200, distractors_per_fact: int 
   for pl in places:
     facts[(pl, "country")] = rng.choice(countries)
 
+  def head(name: str, heads: Sequence[str]) -> str:
+    if not compact_names:
+      return name.split()[0]
+    return next(h for h in sorted(heads, key=len, reverse=True) if name.startswith(h))
+
   makers = {
-      "person": lambda s: f"{s.split()[0]} {rng.choice(lasts)}",
-      "org": lambda s: f"{s.split()[0]} {rng.choice(_ORG_B)}",
-      "work": lambda s: f"{s.split()[0]} {rng.choice(_WORK_B)}",
+      "person": lambda s: f"{head(s, firsts)}{sep}{rng.choice(lasts)}",
+      "org": lambda s: f"{head(s, _ORG_A)}{sep}{rng.choice(_ORG_B)}",
+      "work": lambda s: f"{head(s, _WORK_A)}{sep}{rng.choice(_WORK_B)}",
       "place": lambda s: s[:3] + rng.choice(_PLACE_B) if len(s) > 3 else s + rng.choice(_PLACE_B),
   }
   corpus, fact_doc = [], {}
@@ -286,13 +300,14 @@ def make_records(world: World, num: int, min_hops: int = 2, max_hops: int = 4, s
 
 def make_world(out_dir: str, seed: int = 0, num_people: int = 200, num_train: int = 512,
                num_test: int = 128, min_hops: int = 2, max_hops: int = 4,
-               distractors_per_fact: int = 1, template: str = "think") -> dict:
+               distractors_per_fact: int = 1, template: str = "think",
+               compact_names: bool = False) -> dict:
   """Build the world and write corpus.jsonl, train.parquet and test.parquet under `out_dir`.
 
   Returns dict(corpus=path, train=path, test=path, world=World). Train and test questions are
   disjoint.
   """
-  world = build_world(seed, num_people, distractors_per_fact)
+  world = build_world(seed, num_people, distractors_per_fact, compact_names)
   train = make_records(world, num_train, min_hops, max_hops, "train", seed, template=template)
   test = make_records(world, num_test, min_hops, max_hops, "test", seed,
                       exclude={r.question for r in train}, template=template)
@@ -308,7 +323,7 @@ def make_world(out_dir: str, seed: int = 0, num_people: int = 200, num_train: in
 def world_from_config(syn_cfg, out_dir: str) -> dict:
   """make_world from the config section ``data.synthetic`` (same key names)."""
   keys = ("seed", "num_people", "num_train", "num_test", "min_hops", "max_hops",
-          "distractors_per_fact")
+          "distractors_per_fact", "compact_names")
   return make_world(out_dir, **{k: syn_cfg[k] for k in keys if k in syn_cfg})
 
 
