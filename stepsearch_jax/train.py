@@ -226,6 +226,8 @@ class Trainer:
     results = {}
     if cfg.eval_before_train and self.start_step == 0:
       results["before"] = self.validate(0, "step_0")
+    elif cfg.eval_before_train:    # resumed: the first process logged it at step 0
+      results["before"] = logged_validation(os.path.join(self.workdir, "metrics.jsonl"), 0)
     bar = tqdm(range(self.start_step, cfg.total_steps), desc=f"{cfg.algo.name}", unit="step",
                initial=self.start_step, total=cfg.total_steps, disable=not self.main_process)
     m = {}
@@ -253,7 +255,8 @@ class Trainer:
 
 
 def drop_lost_metrics(path: str, start_step: int) -> int:
-  """Keep only metrics.jsonl rows of steps <= start_step (later ones belong to a lost run).
+  """Keep only metrics.jsonl rows of steps <= start_step (later ones belong to a lost run); none
+  when starting from scratch.
 
   A run killed after logging a step but before its checkpoint committed repeats that step on
   resume; without this the file would hold the step twice. Returns the number of rows dropped.
@@ -268,7 +271,7 @@ def drop_lost_metrics(path: str, start_step: int) -> int:
       step = int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
       continue                     # a row torn by the kill
-    if 0 < step <= start_step:
+    if 0 < start_step and step <= start_step:   # from scratch, step 0 (eval) is redone too
       keep.append(line if line.endswith("\n") else line + "\n")
   if len(keep) != len(lines):
     tmp = path + ".tmp"
@@ -276,6 +279,14 @@ def drop_lost_metrics(path: str, start_step: int) -> int:
       f.writelines(keep)
     os.replace(tmp, path)
   return len(lines) - len(keep)
+
+
+def logged_validation(path: str, step: int) -> dict:
+  """{'em', 'f1', 'searches'} of the validation logged at `step` in metrics.jsonl, or {}."""
+  for row in metrics.read_metrics(path):
+    if row.get("step") == step and "val/em" in row:
+      return {"em": row["val/em"], "f1": row["val/f1"], "searches": row["val/searches"]}
+  return {}
 
 
 def fatal_errors() -> tuple[type, ...]:

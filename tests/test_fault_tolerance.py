@@ -56,6 +56,10 @@ def test_sigkill_mid_step_resumes_from_last_checkpoint_and_matches(train_runs, t
   torn = wd / "checkpoints" / "2.orbax-checkpoint-tmp-1700000000000000" / "state"
   torn.mkdir(parents=True)
   (torn / "manifest.ocdbt").write_bytes(b"\x00partial")
+  # And what a kill after logging step 2 but before its checkpoint committed leaves in the log
+  # (a row of the lost step, then a row torn mid-write): both must go on resume.
+  with open(wd / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 2, "pg_loss": 123.0}) + "\n" + '{"step": 3, "pg_')
 
   again = train_runs.run(wd, ["--config.total_steps=2"])
   assert "resumed from step 1" in again.stdout

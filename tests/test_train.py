@@ -10,8 +10,6 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 # Metrics that are a pure function of the step's rollouts and update: equal across two runs
 # exactly when the rollouts (incl. retrieval) and the parameters are.
 STEP_METRICS = ("reward/final", "reward/answer_f1", "reward/key", "reward/info_gain",
@@ -38,6 +36,7 @@ def assert_same_step(row_a: dict, row_b: dict):
     assert row_a[k] == row_b[k], (row_a["step"], k, row_a[k], row_b[k])
 
 
+@pytest.mark.slow
 def test_smoke_leaves_checkpoints_and_metrics_then_resumes_at_step_2(train_runs, train_base,
                                                                      resumed):
   wd = train_base["workdir"]
@@ -61,6 +60,7 @@ def test_smoke_leaves_checkpoints_and_metrics_then_resumes_at_step_2(train_runs,
   assert json.loads((wd / "config.json").read_text())["total_steps"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["steppo", "ppo", "grpo"])
 def test_each_algorithm_runs_three_steps(train_runs, train_reference, algo):
   if algo == "steppo":
@@ -84,6 +84,7 @@ def test_each_algorithm_runs_three_steps(train_runs, train_reference, algo):
   assert json.loads((wd / "config.json").read_text())["algo"]["name"] == algo
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(train_runs, train_base, train_reference, resumed):
   """Stopped after step 2 and restarted == one uninterrupted run, at steps 2 and 3.
 
@@ -98,3 +99,19 @@ def test_resumed_run_matches_uninterrupted_run(train_runs, train_base, train_ref
   for step in (2, 3):
     assert_same_state(train_runs.load_state(base, step), train_runs.load_state(ref, step),
                       f"step {step}")
+
+
+def test_drop_lost_metrics_and_logged_validation(tmp_path):
+  """On resume at step k the log keeps rows <= k (incl. the step-0 validation), drops later and
+  torn rows; from scratch it keeps nothing. The step-0 validation is read back for results.json."""
+  from stepsearch_jax import train
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 0, "val/em": 0.25, "val/f1": 0.5, "val/searches": 1.5}, {"step": 1, "a": 1},
+          {"step": 2, "a": 2}, {"step": 3, "a": 3}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "a"')
+  assert train.drop_lost_metrics(str(path), 2) == 2
+  assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
+  assert train.logged_validation(str(path), 0) == {"em": 0.25, "f1": 0.5, "searches": 1.5}
+  assert train.logged_validation(str(path), 1) == {}
+  assert train.drop_lost_metrics(str(path), 0) == 3 and path.read_text() == ""
+  assert train.drop_lost_metrics(str(tmp_path / "absent.jsonl"), 3) == 0
