@@ -83,6 +83,7 @@ def main() -> None:
   p.add_argument("--sft_steps", type=int, default=80)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--workdir", default="", help="reuse the world and trained policy kept here")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
   import torch
@@ -90,18 +91,21 @@ def main() -> None:
   from retrieval.server import start_subprocess
   torch.set_num_threads(os.cpu_count() or 1)
 
-  work = tempfile.mkdtemp(prefix="bench_rollout_")
+  work = args.workdir or tempfile.mkdtemp(prefix="bench_rollout_")
   world = toy.build_world(work, num_people=60, num_train=128, num_test=max(batches))
   proc, url = start_subprocess(world["index_dir"], timeout_s=120)
   try:
     retriever = RetrieverClient(url, topk=3)
-    config, params = toy.train_policy(world, retriever, hidden=args.hidden, layers=args.layers,
-                                      steps=args.sft_steps, batch_size=8, lr=3e-3, limit=128,
-                                      tie_word_embeddings=False)
+    hf_dir = os.path.join(work, "hf")
+    if os.path.exists(os.path.join(hf_dir, "config.json")):
+      config, params = models.load_pretrained(hf_dir)
+    else:
+      config, params = toy.train_policy(world, retriever, hidden=args.hidden, layers=args.layers,
+                                        steps=args.sft_steps, batch_size=8, lr=3e-3, limit=128,
+                                        tie_word_embeddings=False)
+      models.save_pretrained(hf_dir, config, params)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     tok = world["tokenizer"]
-    hf_dir = os.path.join(work, "hf")
-    models.save_pretrained(hf_dir, config, params)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rcfg = ml_collections.ConfigDict(dict(
         driver="native", max_turns=5, max_tokens_per_turn=64, max_obs_tokens=800,
@@ -117,15 +121,18 @@ def main() -> None:
       for name in ("native", "jetstream"):
         rollout(engine, records, rcfg, retriever, jax.random.PRNGKey(0), greedy=True,
                 driver=name, score_logprobs=False)                          # warm-up
+        before = engine.compile_counts()
         out = rollout(engine, records, rcfg, retriever, jax.random.PRNGKey(0), greedy=True,
                       driver=name, score_logprobs=False)
+        compiles = sum(engine.compile_counts().values()) - sum(before.values())
         s = out.stats
         row[name] = {"tokens_per_s": model_tokens(out) / s["total_s"], "wall_s": s["total_s"],
                      "model_tokens": model_tokens(out), "searches": int(sum(
                          len(t.search_end_indices) for t in out)),
                      "retrieval_requests": int(s.get("retrieval_batches", 0)),
                      "retrieval_s": s.get("retrieval_s", 0.0), "prefill_tokens":
-                     int(s.get("prefill_tokens", 0)), "decode_steps": int(s.get("steps", 0))}
+                     int(s.get("prefill_tokens", 0)), "decode_steps": int(s.get("steps", 0)),
+                     "compiles_during_timed_run": compiles}
         row[name + "_responses"] = [t.response_ids for t in out]
       torch_rollout(hf, tok, records[:1], lcfg, retriever)                  # warm-up
       trajs, wall = torch_rollout(hf, tok, records, lcfg, retriever)

@@ -125,6 +125,7 @@ class StepSearchEngine(engine_api.Engine):
     self._stops = stops
     self._has_stops = bool(self.stop_ids)
     self._request_counter = 0
+    self.short_append = 128
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
@@ -328,9 +329,9 @@ class StepSearchEngine(engine_api.Engine):
 
     `starts[i] = 0` is a fresh prompt; `starts[i] = context length` appends a tool result to a
     live slot (only the new tokens are computed). The slot becomes active with a token cap of
-    `max_new[i]` and samples its next token from the last appended position. Rows are padded to
-    a power of two (by repeating row 0, which writes identical values) and tokens to the smallest
-    bucket that fits, so compilations stay few.
+    `max_new[i]` and samples its next token from the last appended position. Rows are padded (by
+    repeating row 0, which writes identical values) to all slots for short appends and to a power
+    of two for long ones, tokens to the smallest bucket that fits, so compilations stay few.
     """
     n = len(slots)
     if not (n == len(tokens) == len(starts)):
@@ -348,7 +349,10 @@ class StepSearchEngine(engine_api.Engine):
       if st + width > self.cache_len:
         raise ValueError(f"append: slot {s} start {st} + bucket {width} (for {ln} tokens) exceeds "
                          f"cache_len={self.cache_len}; re-prefill a truncated context instead")
-    rows = _pow2_at_least(n)
+    # Short appends (tool results) always use all rows: one program per width, so the first
+    # rollout compiles them all and later ones never meet a new shape; long ones (prompts) pad
+    # the row count to a power of two instead of paying for idle rows.
+    rows = self.num_slots if width <= self.short_append else min(_pow2_at_least(n), self.num_slots)
     pad = [0] * (rows - n)
     tok = np.zeros((rows, width), np.int32)
     for i, t in enumerate(list(tokens) + [tokens[0]] * len(pad)):
