@@ -20,7 +20,7 @@ import ml_collections
 ALGORITHMS = ("steppo", "ppo", "grpo")
 REWARD_PRESETS = ("paper", "released")
 DRIVERS = ("native", "jetstream")
-TEMPLATES = ("think", "plan")
+TEMPLATES = ("think", "plan", "brief")
 DTYPES = ("float32", "bfloat16")
 
 

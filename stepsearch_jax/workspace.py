@@ -75,13 +75,13 @@ def prepare_data(cfg, workdir: str):
   return train, val, world, corpus
 
 
-def tokenizer_texts(world, train, val) -> list[str]:
+def tokenizer_texts(world, train, val, template: str = "think") -> list[str]:
   """Every text the demo tokenizer must encode losslessly: passages, prompts, demos, warnings."""
   from stepsearch_jax.data import synthetic
   from stepsearch_jax.rollout import loop
   texts = [loop.INVALID_ACTION, loop.LAST_TURN, "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
   texts += [f"{r['title']} {r['content']}" for r in world.corpus]
-  texts += [records_lib.render_prompt(None, r) for r in train + val]
+  texts += [records_lib.render_prompt(None, r, template) for r in train + val]
   rng = random.Random(0)
   for r in train[:300]:
     for quality in (1.0, 0.0):
@@ -109,7 +109,7 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return wordlevel.load(out)
-  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val), out)
+  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val, cfg.data.template), out)
 
 
 def start_retrieval(cfg, workdir: str, corpus: str):

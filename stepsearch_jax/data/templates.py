@@ -4,7 +4,7 @@
 ``<think>``, one query per ``<search>``, results in ``<information>``, the final answer in
 ``<answer>``. ``plan`` follows the released MuSiQue data script: ``<plan>`` / ``<observation>``
 around the same search and answer tags. Only ``<search>`` and ``<answer>`` drive the environment;
-the other tags are never parsed or rewarded. The question is stripped and gets a ``?`` when it
+the other tags are never parsed or rewarded. ``brief`` is ``think`` in one sentence. The question is stripped and gets a ``?`` when it
 lacks one, as the released script does.
 """
 
@@ -35,7 +35,14 @@ PLAN = (
     "Repeat plan -> search -> information -> observation -> plan until you can answer. "
     "Question: {question}\n")
 
-TEMPLATES = {"think": THINK, "plan": PLAN}
+# ``brief``: the same tags and loop as ``think`` in one sentence, for tiny policies (the CPU demo),
+# where a 180-token instruction would be half of every training sequence.
+BRIEF = (
+    "Answer the question. Think inside <think> </think>, search for one thing at a time with "
+    "<search> query </search>, read the results between <information> and </information>, and give "
+    "only the final answer inside <answer> </answer>. Question: {question}\n")
+
+TEMPLATES = {"think": THINK, "plan": PLAN, "brief": BRIEF}
 
 
 def clean_question(question: str) -> str:

@@ -108,10 +108,13 @@ class Attention(nnx.Module):
         allowed = allowed & key_valid[:, None, :].astype(bool)
     else:
       k_cache, v_cache, index = cache
-      write = jax.vmap(
-          lambda c, u, i: jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (layer, i, 0, 0)),
-          in_axes=(1, 0, 0), out_axes=1)
-      k_cache, v_cache = write(k_cache, k, index), write(v_cache, v, index)
+      # One scatter per layer into the carried cache. (A vmapped dynamic_update_slice lowered to
+      # a per-row copy of the whole cache on CPU: 30x slower at batch 32.) Writes past the cache
+      # end are dropped, never clamped onto other slots.
+      rows = jnp.arange(b)[:, None]
+      cols = index[:, None] + jnp.arange(t)[None, :]
+      k_cache = k_cache.at[layer, rows, cols].set(k.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[layer, rows, cols].set(v.astype(v_cache.dtype), mode="drop")
       keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
       values = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
       s = keys.shape[1]
