@@ -21,7 +21,8 @@ def get_config(arg=None):
   c.data.synthetic.num_train = 1024
   c.data.synthetic.num_test = 128
   c.data.synthetic.min_hops = 2
-  c.data.synthetic.max_hops = 3
+  c.data.synthetic.max_hops = 2
+  c.data.template = "brief"          # the think loop in one sentence: short sequences, fast steps
   c.data.val_limit = 128
   c.data.val_batch_size = 128
 
@@ -36,11 +37,13 @@ def get_config(arg=None):
   c.model.init.max_position_embeddings = 2048
   c.mesh.fsdp = 1
 
-  c.sft.steps = 300
+  # Imperfect demonstrations: each hop is flawed with probability 0.3 (a repeated or vague query,
+  # a guessed entity, an early answer). Copying entities appears after ~250 steps.
+  c.sft.steps = 450
   c.sft.batch_size = 32
   c.sft.lr = 3e-3
-  c.sft.quality = 0.5
-  c.sft.num_examples = 768
+  c.sft.quality = 0.7
+  c.sft.num_examples = 1024
 
   c.retrieval.start_server = True
   c.rollout.max_turns = 4
@@ -56,13 +59,13 @@ def get_config(arg=None):
   c.algo.mini_batch = 32
   c.algo.micro_batch = 32
   c.algo.kl_coef = 0.001
-  c.optim.actor_lr = 3e-4
+  c.optim.actor_lr = 1e-4
   c.optim.critic_lr = 1e-3
-  c.optim.actor_warmup = 4
-  c.optim.critic_warmup = 2
-  c.total_steps = 40
+  c.optim.actor_warmup = 2
+  c.optim.critic_warmup = 1
+  c.total_steps = 30
   c.eval_before_train = True
-  c.eval_every = 20
+  c.eval_every = 15
   c.save_every = 10
   if arg == "smoke":
     c.data.synthetic.num_people = 40
@@ -81,6 +84,7 @@ def get_config(arg=None):
     c.eval_every = 0
     c.save_every = 1
   if arg == "test":   # the trainer's end-to-end tests: seconds per step, BM25 (no encoder)
+    c.data.template = "think"
     c.data.synthetic.num_people = 20
     c.data.synthetic.num_train = 16
     c.data.synthetic.num_test = 4
