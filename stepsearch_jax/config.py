@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.index_type = "flat"
   c.retrieval.timeout_s = 30.0
   c.retrieval.retries = 5
+  c.retrieval.backoff_s = 0.5       # first retry delay, doubled per retry up to max_backoff_s
+  c.retrieval.max_backoff_s = 8.0
+  c.retrieval.token = ""            # bearer token for a server bound beyond loopback ("" = none)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.driver = "native"

@@ -128,7 +128,9 @@ def start_retrieval(cfg, workdir: str, corpus: str):
                         index_type=cfg.retrieval.index_type, progress=False)
     proc, url = server.start_subprocess(index_dir)
   client = RetrieverClient(url, topk=cfg.retrieval.topk, timeout_s=cfg.retrieval.timeout_s,
-                           retries=cfg.retrieval.retries)
+                           retries=cfg.retrieval.retries, token=cfg.retrieval.token or None,
+                           backoff_s=cfg.retrieval.backoff_s,
+                           max_backoff_s=cfg.retrieval.max_backoff_s)
   fingerprint = str(client.health().get("fingerprint", ""))
   return client, fingerprint, proc
 
