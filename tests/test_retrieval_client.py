@@ -43,3 +43,12 @@ def test_format_information_exact():
       '\n\n<information> Doc 1<## Title: "A" ##> alpha text\n'
       "Doc 2<## Title: B ##> beta text </information>\n\n")
   assert format_information([]) == "\n\n<information>  </information>\n\n"
+
+
+def test_empty_query_gets_no_documents_without_a_request():
+  from stepsearch_jax.rollout.retriever import RetrieverClient, format_information
+  # Nothing listens on this URL: a request would fail after the retries, so an empty query must
+  # be answered locally.
+  client = RetrieverClient("http://127.0.0.1:9", retries=0, timeout_s=1.0)
+  assert client.search(["", "   "]) == [[], []]
+  assert "<information>" in format_information([])

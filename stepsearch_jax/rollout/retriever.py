@@ -71,8 +71,20 @@ class RetrieverClient:
                          f"(timeout {self.timeout_s}s each); last cause: {cause}")
 
   def search(self, queries: Sequence[str], topk: int | None = None) -> list[list[dict]]:
-    """Top-k `{"document", "score"}` lists, one per query, in order."""
+    """Top-k `{"document", "score"}` lists, one per query, in order.
+
+    An empty or whitespace-only query (a policy can write `<search> </search>`) gets no documents
+    without a request: the server rightly rejects it, and a rollout must not die of it.
+    """
     k = self.topk if topk is None else topk
+    asked = [i for i, q in enumerate(queries) if q.strip()]
+    found = self._search([queries[i] for i in asked], k) if asked else []
+    out: list[list[dict]] = [[] for _ in queries]
+    for i, docs in zip(asked, found):
+      out[i] = docs
+    return out
+
+  def _search(self, queries: Sequence[str], k: int) -> list[list[dict]]:
     out: list[list[dict]] = []
     for start in range(0, len(queries), self.batch_size):
       batch = list(queries[start:start + self.batch_size])
