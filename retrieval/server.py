@@ -350,6 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (no orphan server
+  keeps a port and a GiB of index after a killed training job). Linux prctl(PR_SET_PDEATHSIG)."""
+  import ctypes
+  import signal
+  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBACK,
                      token: str | None = None, timeout_s: float = 300.0,
                      extra_args: Sequence[str] = (), env: dict | None = None
@@ -372,7 +380,8 @@ def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBA
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc_env = {**os.environ, **(env or {})}
   proc_env["PYTHONPATH"] = root + os.pathsep + proc_env.get("PYTHONPATH", "")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env,
+                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
   proc.log_path = log.name
   headers = {"Authorization": f"Bearer {token}"} if token else {}
   deadline = time.time() + timeout_s

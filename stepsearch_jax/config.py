@@ -21,6 +21,7 @@ ALGORITHMS = ("steppo", "ppo", "grpo")
 REWARD_PRESETS = ("paper", "released")
 DRIVERS = ("native", "jetstream")
 TEMPLATES = ("think", "plan", "brief")
+SFT_FLAWS = ("repeat", "skip", "vague", "early")   # data.synthetic.FLAWS (no import: config stays light)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -70,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Supervised warm start on synthetic-world demonstrations before RL (0 steps = none). The demo
   # uses imperfect demonstrations (quality < 1) so the format is known but the search policy weak.
   c.sft = ml_collections.ConfigDict(dict(
-      steps=0, batch_size=32, lr=3e-3, quality=0.5, num_examples=512, seed=0))
+      steps=0, batch_size=32, lr=3e-3, quality=0.5, num_examples=512, seed=0,
+      flaws="repeat,skip,vague,early"))  # the flaws a hop draws with probability 1 - quality
 
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.url = "http://127.0.0.1:8000"
@@ -173,6 +175,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.algo.name == "grpo" and cfg.rollout.n < 2:
     raise ValueError(f"config.rollout.n={cfg.rollout.n}: algo.name='grpo' needs >= 2 samples per "
                      "prompt")
+  flaws = [f.strip() for f in cfg.sft.flaws.split(",") if f.strip()]
+  if not flaws or set(flaws) - set(SFT_FLAWS):
+    raise ValueError(f"config.sft.flaws={cfg.sft.flaws!r}: a comma list drawn from {list(SFT_FLAWS)}")
   if not (0.0 <= cfg.algo.clip_ratio < 1.0):
     raise ValueError(f"config.algo.clip_ratio={cfg.algo.clip_ratio} must be in [0, 1)")
   if not cfg.model.hf_path and cfg.model.init.vocab_size < 0:

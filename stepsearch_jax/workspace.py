@@ -60,7 +60,8 @@ def prepare_data(cfg, workdir: str):
   world, corpus = None, cfg.retrieval.corpus
   if cfg.data.synthetic.enabled:
     from stepsearch_jax.data import synthetic
-    out = synthetic.world_from_config(cfg.data.synthetic, os.path.join(workdir, "world"))
+    out = synthetic.world_from_config(cfg.data.synthetic, os.path.join(workdir, "world"),
+                                       template=cfg.data.template)
     world, corpus = out["world"], out["corpus"]
     train_files, val_files = [out["train"]], [out["test"]]
   else:
@@ -160,7 +161,9 @@ def demonstration_examples(cfg, ws: Workspace) -> list[tuple[list[int], list[int
   from stepsearch_jax.rollout import loop
   tok, rng = ws.tokenizer, random.Random(cfg.sft.seed)
   records = ws.train_records[:cfg.sft.num_examples]
-  demos = [synthetic.demonstration(r, ws.world, quality=cfg.sft.quality, rng=rng) for r in records]
+  flaws = [f.strip() for f in cfg.sft.flaws.split(",") if f.strip()]
+  demos = [synthetic.demonstration(r, ws.world, quality=cfg.sft.quality, rng=rng, flaws=flaws)
+           for r in records]
   queries = sorted({t["query"] for d in demos for t in d if t["kind"] == "search"})
   results = dict(zip(queries, ws.retriever.search(queries))) if queries else {}
   out = []

@@ -44,3 +44,12 @@ def test_validate_divisibility():
   with pytest.raises(ValueError, match="algo.mini_batch"):
     config_lib.validate(c)
   assert config_lib.validate(config_lib.base_config())
+
+
+def test_validate_sft_flaws():
+  c = config_lib.base_config()
+  c.sft.flaws = "early, skip"
+  assert config_lib.validate(c)
+  c.sft.flaws = "early,sloppy"
+  with pytest.raises(ValueError, match="sft.flaws"):
+    config_lib.validate(c)

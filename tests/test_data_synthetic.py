@@ -113,8 +113,24 @@ def test_world_from_config(tmp_path):
   from stepsearch_jax.config import base_config
   cfg = base_config().data.synthetic
   cfg.num_people, cfg.num_train, cfg.num_test = 30, 8, 4
-  out = synthetic.world_from_config(cfg, str(tmp_path))
-  assert len(load_records(out["train"])) == 8
+  out = synthetic.world_from_config(cfg, str(tmp_path), template="brief")
+  rows = load_records(out["train"])
+  assert len(rows) == 8
+  # data.template reaches the stored prompts (it used to be dropped: every world said `think`)
+  assert rows[0].prompt[0]["content"].startswith("Answer the question. Think inside")
+
+
+def test_demonstration_flaws_are_drawn_from_the_given_kinds():
+  world = synthetic.build_world(num_people=30)
+  recs = synthetic.make_records(world, 40, 2, 2, "train", 0)
+  rng = __import__("random").Random(0)
+  demos = [synthetic.demonstration(r, world, quality=0.0, rng=rng, flaws=["early"]) for r in recs]
+  # every 2-hop demonstration answers right after its first search, with the bridge entity
+  for r, d in zip(recs, demos):
+    assert [t["kind"] for t in d] == ["model", "search", "model"]
+    assert f"<answer> {r.extra['hops'][0]['object']} </answer>" in d[-1]["text"]
+  with pytest.raises(ValueError, match="flaws"):
+    synthetic.demonstration(recs[0], world, quality=0.0, flaws=["sloppy"])
 
 
 def test_world_and_rewards_import_without_jax():

@@ -186,3 +186,34 @@ def test_bm25_backend_same_api_with_token(world, tmp_path):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_subprocess_dies_with_a_killed_parent(world, tmp_path):
+  """A SIGKILLed trainer must not leave its retrieval server running (port and index held)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  index_dir = str(tmp_path / "bm25")
+  build_index.build(world["corpus"], index_dir, index_type="bm25", progress=False)
+  code = ("import sys, time; from retrieval import server as s; "
+          f"p, url = s.start_subprocess({index_dir!r}, timeout_s=120); "
+          "print(p.pid, flush=True); time.sleep(600)")
+  parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  child = int(parent.stdout.readline())
+  os.kill(parent.pid, signal.SIGKILL)
+  parent.wait(timeout=30)
+  deadline = time.time() + 30
+  while time.time() < deadline and os.path.exists(f"/proc/{child}"):
+    try:   # reaped by init once it exits; a zombie still has /proc/PID with state Z
+      if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+        break
+    except FileNotFoundError:
+      break
+    time.sleep(0.2)
+  alive = os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z"
+  if alive:
+    os.kill(child, signal.SIGKILL)
+  assert not alive, "retrieval server outlived its SIGKILLed parent"

@@ -320,17 +320,21 @@ def make_world(out_dir: str, seed: int = 0, num_people: int = 200, num_train: in
           "test": write_records(test, os.path.join(out_dir, "test.parquet")), "world": world}
 
 
-def world_from_config(syn_cfg, out_dir: str) -> dict:
-  """make_world from the config section ``data.synthetic`` (same key names)."""
+def world_from_config(syn_cfg, out_dir: str, template: str = "think") -> dict:
+  """make_world from the config section ``data.synthetic`` (same key names); `template` is
+  ``data.template``, rendered into each record's prompt."""
   keys = ("seed", "num_people", "num_train", "num_test", "min_hops", "max_hops",
           "distractors_per_fact", "compact_names")
-  return make_world(out_dir, **{k: syn_cfg[k] for k in keys if k in syn_cfg})
+  return make_world(out_dir, template=template, **{k: syn_cfg[k] for k in keys if k in syn_cfg})
 
 
 # --- demonstrations for a supervised warm start -------------------------------------------------
 
+FLAWS = ("repeat", "skip", "vague", "early")
+
+
 def demonstration(record: Record, world: World, quality: float = 1.0,
-                  rng: random.Random | None = None) -> list[dict]:
+                  rng: random.Random | None = None, flaws: Sequence[str] = FLAWS) -> list[dict]:
   """The search sequence for `record` as alternating model turns and searches (`think` format).
 
   Returns ``[{"kind": "model", "text": ...}, {"kind": "search", "query": ...}, ...]`` ending with
@@ -340,9 +344,13 @@ def demonstration(record: Record, world: World, quality: float = 1.0,
   is, with probability 1 - quality, flawed in one of four ways: the same query is repeated,
   the search is skipped and the entity guessed, the query leaves out the name (so the entity is
   guessed), or the answer is given early with the current entity. Later hops then follow the
-  world's facts for the (possibly wrong) entity, so the trajectory stays coherent.
+  world's facts for the (possibly wrong) entity, so the trajectory stays coherent. `flaws` picks
+  which of the four are drawn; an ``early`` flaw on the first hop is no flaw (nothing to answer yet).
   """
   rng = rng or random.Random(0)
+  unknown = sorted(set(flaws) - set(FLAWS))
+  if unknown or not flaws:
+    raise ValueError(f"demonstration flaws {list(flaws)}: each must be one of {list(FLAWS)}")
   hops = record.extra.get("hops")
   if not hops:
     raise ValueError(f"record {record.id} has no extra['hops'] (not a synthetic-world record)")
@@ -353,7 +361,7 @@ def demonstration(record: Record, world: World, quality: float = 1.0,
   thought = f"I need {plan}. First: {_noun_phrase(rels[0], current)}."
   for i, rel in enumerate(rels):
     noun, obj_type = RELATIONS[rel][2], RELATIONS[rel][1]
-    flaw = rng.choice(["repeat", "skip", "vague", "early"]) if rng.random() > quality else None
+    flaw = rng.choice(list(flaws)) if rng.random() > quality else None
     if flaw == "early" and i > 0:
       turns.append({"kind": "model", "text": f"<think> {thought} </think>\n<answer> {current} </answer>"})
       return turns
