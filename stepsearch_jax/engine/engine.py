@@ -18,7 +18,8 @@ JetStream drops it; our drivers drop it as well (the method's responses never co
 slot's ``pos`` does not advance past it, so an append overwrites it.
 
 RL extras: per-slot sampling (``sampling.py``), per-token logprobs, ``append`` (prefill the
-tokens of a tool result into a live slot at its current length, batched over slots), ``swap_params``
+tokens of a tool result into a live slot at its current length, batched over slots),
+``decode_block`` (several generate steps per device call on a window of the cache), ``swap_params``
 between steps (params are a jit argument, so same shapes/dtypes never recompile) and donation of
 the decode state (the KV cache is updated in place).
 """
@@ -125,11 +126,12 @@ class StepSearchEngine(engine_api.Engine):
     self._stops = stops
     self._has_stops = bool(self.stop_ids)
     self._request_counter = 0
-    self.short_append = 128
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+    self._decode_block_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
+                                     static_argnums=(2, 3))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
-    self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,))
+    self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(11,))
     self._score_jit = jax.jit(self._score_impl)
     self._init_jit = None
 
@@ -141,25 +143,64 @@ class StepSearchEngine(engine_api.Engine):
     match = (stops[None] == -1) | (tail[:, None, :] == stops[None])
     return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
-  def _generate_impl(self, params, state: DecodeState):
+  def _step(self, params, state: DecodeState, cache, limit: int):
+    """One decode step over `cache` (the full cache or a window of its first `limit` slots).
+
+    Inactive rows write nothing (their write index is `limit`, which the scatter drops), so a
+    window need only cover the active rows' positions.
+    """
     emit, emit_lp, valid = state.tokens, state.logprobs, state.active
     gen_len = state.gen_len + valid.astype(jnp.int32)
     shifted = jnp.concatenate([state.tail[:, 1:], emit[:, None]], axis=1)
     tail = jnp.where(valid[:, None], shifted, state.tail)
     is_eos = jnp.isin(emit, jnp.asarray(self.eos_ids, jnp.int32))
     stopped = valid & (self._stop_hit(tail) | is_eos | (gen_len >= state.max_new))
-    write_pos = jnp.minimum(state.pos, self.cache_len - 1)
-    logits, cache = models.forward_cached(self.config, params, emit[:, None], state.cache,
+    write_pos = jnp.where(valid, jnp.minimum(state.pos, limit - 1), limit)
+    logits, cache = models.forward_cached(self.config, params, emit[:, None], cache,
                                           write_pos, last_only=True)
     nxt, nxt_lp = sampling_lib.sample(logits, state.keys, state.pos + 1, state.temperature,
                                       state.top_p, state.top_k)
     active = valid & ~stopped
     new_state = state.replace(
-        cache=cache, tokens=jnp.where(active, nxt, emit), logprobs=jnp.where(active, nxt_lp, emit_lp),
+        cache=None, tokens=jnp.where(active, nxt, emit),
+        logprobs=jnp.where(active, nxt_lp, emit_lp),
         pos=state.pos + (valid & ~is_eos).astype(jnp.int32), gen_len=gen_len, active=active,
         tail=tail)
+    return new_state, cache, (emit, valid, gen_len, emit_lp, stopped)
+
+  def _generate_impl(self, params, state: DecodeState):
+    new_state, cache, (emit, valid, gen_len, emit_lp, stopped) = self._step(
+        params, state, state.cache, self.cache_len)
     data = jnp.stack([emit, valid.astype(jnp.int32), gen_len], axis=1)
-    return new_state, data, emit_lp, stopped
+    return new_state.replace(cache=cache), data, emit_lp, stopped
+
+  def _decode_block_impl(self, params, state: DecodeState, window: int, steps: int):
+    """Up to `steps` decode steps in one program, on a window of the first `window` cache slots.
+
+    Attention, the cache write and the softmax then cost O(window) instead of O(cache_len), and
+    the host pays one dispatch and one small transfer per block instead of per token. The loop
+    ends early once no row is active. Outputs are [steps, B]; rows after a stop report valid=0.
+    """
+    b = self.num_slots
+    win = jax.tree_util.tree_map(lambda c: c[:, :, :window], state.cache)
+    bufs = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool),
+            jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b), bool))
+
+    def cond(carry):
+      i, st, _, _ = carry
+      return (i < steps) & jnp.any(st.active)
+
+    def body(carry):
+      i, st, win, bufs = carry
+      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window)
+      bufs = tuple(buf.at[i].set(x) for buf, x in zip(bufs, (emit, valid, lp, stopped)))
+      return i + 1, st, win, bufs
+
+    n, st, win, bufs = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
+    cache = jax.tree_util.tree_map(
+        lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), state.cache, win)
+    return st.replace(cache=cache), n, bufs
 
   def _prefill_impl(self, params, tokens, true_length, max_new, temperature, top_p, top_k, key):
     cache = models.init_cache(self.config, 1, tokens.shape[1])
@@ -190,11 +231,13 @@ class StepSearchEngine(engine_api.Engine):
         keys=state.keys.at[rows].set(keys))
 
   def _append_impl(self, params, state: DecodeState, rows, tokens, start, lengths, max_new,
-                   temperature, top_p, top_k, keys):
-    sub = jax.tree_util.tree_map(lambda c: c[:, rows], state.cache)
+                   temperature, top_p, top_k, keys, window: int):
+    # Only the rows being appended and the first `window` cache slots (>= every row's
+    # start + width) take part: cost scales with the tokens written, not with the whole cache.
+    sub = jax.tree_util.tree_map(lambda c: c[:, rows, :window], state.cache)
     logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
                                         last_index=lengths - 1)
-    cache = jax.tree_util.tree_map(lambda c, s: c.at[:, rows].set(s), state.cache, sub)
+    cache = jax.tree_util.tree_map(lambda c, s: c.at[:, rows, :window].set(s), state.cache, sub)
     end = start + lengths
     tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
     return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)
@@ -272,6 +315,31 @@ class StepSearchEngine(engine_api.Engine):
                                      length_idx=(2, 3), samples_per_slot=1)
     return state, result, (logprobs, stopped)
 
+  def window_for(self, need: int) -> int:
+    """The cache window (a multiple of 128, or cache_len) that holds `need` slots.
+
+    Decode cost is memory-bound on the window (keys/values read every step), so the steps are
+    fine; each window size is one program per entry point, compiled the first time it is met.
+    """
+    return min(self.cache_len, -(-max(int(need), 1) // 128) * 128)
+
+  def decode_block(self, params: Any, decode_state: DecodeState, steps: int = 8
+                   ) -> tuple[DecodeState, dict[str, np.ndarray]]:
+    """Up to `steps` `generate` steps in one device call (RL drivers; not part of JetStream's API).
+
+    Same per-step semantics as `generate` (emit, stop check, write, sample the next token), but
+    the loop runs on device over a window of the cache that covers every active row for `steps`
+    more tokens, stops early when no row is active, and the host receives one small transfer:
+    {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran.
+    """
+    pos, active = jax.device_get((decode_state.pos, decode_state.active))
+    need = int(pos[active].max()) + steps if active.any() else 1
+    window = self.window_for(need)
+    state, n, bufs = self._decode_block_jit(params, decode_state, window, int(steps))
+    n, bufs = jax.device_get((n, bufs))
+    names = ("tokens", "valid", "logprobs", "stopped")
+    return state, {k: v[:int(n)] for k, v in zip(names, bufs)}
+
   def get_prefix_destination_sharding(self) -> Any:
     return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
 
@@ -331,7 +399,9 @@ class StepSearchEngine(engine_api.Engine):
     live slot (only the new tokens are computed). The slot becomes active with a token cap of
     `max_new[i]` and samples its next token from the last appended position. Rows are padded (by
     repeating row 0, which writes identical values) to all slots for short appends and to a power
-    of two for long ones, tokens to the smallest bucket that fits, so compilations stay few.
+    of two, tokens to the smallest bucket that fits, and only the first `window_for(start + width)`
+    cache slots are read and written, so the cost follows the appended tokens and compilations
+    stay few (one per rows x width x window bucket).
     """
     n = len(slots)
     if not (n == len(tokens) == len(starts)):
@@ -349,10 +419,10 @@ class StepSearchEngine(engine_api.Engine):
       if st + width > self.cache_len:
         raise ValueError(f"append: slot {s} start {st} + bucket {width} (for {ln} tokens) exceeds "
                          f"cache_len={self.cache_len}; re-prefill a truncated context instead")
-    # Short appends (tool results) always use all rows: one program per width, so the first
-    # rollout compiles them all and later ones never meet a new shape; long ones (prompts) pad
-    # the row count to a power of two instead of paying for idle rows.
-    rows = self.num_slots if width <= self.short_append else min(_pow2_at_least(n), self.num_slots)
+    # Rows are padded to a power of two (few programs, little idle compute); the cache window to
+    # the smallest window bucket holding every row's writes.
+    rows = min(_pow2_at_least(n), self.num_slots)
+    window = self.window_for(max(starts) + width)
     pad = [0] * (rows - n)
     tok = np.zeros((rows, width), np.int32)
     for i, t in enumerate(list(tokens) + [tokens[0]] * len(pad)):
@@ -374,7 +444,7 @@ class StepSearchEngine(engine_api.Engine):
         col([s.temperature for s in sampling], np.float32),
         col([s.top_p for s in sampling], np.float32), col([s.top_k for s in sampling], np.int32),
         jnp.asarray(np.stack([np.asarray(k, np.uint32) for k in keys]
-                             + [np.asarray(keys[0], np.uint32)] * len(pad))))
+                             + [np.asarray(keys[0], np.uint32)] * len(pad))), window)
 
   def score(self, token_ids: Sequence[int], params: Any = None) -> np.ndarray:
     """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's weights (one forward)."""
@@ -388,4 +458,4 @@ class StepSearchEngine(engine_api.Engine):
   def compile_counts(self) -> dict[str, int]:
     """How many programs each jitted entry point holds (a swap must not add any)."""
     return {name: getattr(self, f"_{name}_jit")._cache_size()
-            for name in ("generate", "prefill", "insert", "append", "score")}
+            for name in ("generate", "decode_block", "prefill", "insert", "append", "score")}

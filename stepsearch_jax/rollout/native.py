@@ -5,12 +5,15 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
 1. The main thread owns the engine's decode state (the KV cache of `num_slots` rows) and every
    `Episode`. Episodes wait in an admission queue; whenever a slot is free the next episode is
    admitted and its prompt is queued for prefill into that slot.
-2. Before each decode step the main thread flushes the prefill queue with batched
-   `engine.append` calls (rows grouped by token bucket): prompts go in at position 0; tool results
-   go in at the slot's current length, so only the new `<information>`/`<warning>` tokens are
-   computed and the trajectory keeps its KV cache across turns.
-3. A decode step (`engine.generate_rl`) advances every active slot by one token. The host reads the
-   emitted tokens/logprobs/stop flags. A slot that stopped ends its turn in its Episode:
+2. Before each decode block the main thread flushes the prefill queue, normally as ONE batched
+   `engine.append` call for all queued slots (split by token bucket only when that pads far
+   less): prompts go in at position 0; tool results go in at the slot's current length, so only
+   the new `<information>`/`<warning>` tokens are computed and the trajectory keeps its KV cache
+   across turns.
+3. A decode block (`engine.decode_block`) runs up to `decode_steps` generate steps in one device
+   call (stop sequences are matched on device; a slot that stops goes idle for the rest of the
+   block, and the block ends early once no slot is active). The host then reads the block's
+   emitted tokens/logprobs/stop flags in one transfer. A slot that stopped ends its turn:
    - `</answer>`, the final turn or the response cap: the episode is done and the slot is freed
      (and refilled by admission at the next iteration: continuous batching);
    - an invalid action: the warning is queued for prefill at once;
@@ -18,7 +21,7 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
      intact, while the other slots keep decoding.
 4. Retrieval: when no request is in flight, ALL pending queries are sent as ONE batched
    `RetrieverClient.search` call on the worker thread (HTTP I/O releases the GIL, so decoding
-   continues). The main thread polls the future once per step; when it completes, each slot's
+   continues). The main thread polls the future once per block; when it completes, each slot's
    observation is formatted, tokenised once and queued for prefill (step 2). Queries that arrive
    while a request is in flight form the next batch.
 5. If no slot is decoding and nothing is left to prefill, the main thread blocks on the in-flight
@@ -26,7 +29,9 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
 
 Stats returned: decode_s (wall time of engine calls and host token handling), retrieval_s (time
 the worker spent in retrieval requests), retrieval_wait_s (time the main thread was blocked on
-retrieval with nothing to decode), steps, generated tokens, prefilled tokens, retrieval batches.
+retrieval with nothing to decode), steps, generated tokens, prefilled tokens, retrieval batches,
+and a phase profile: decode_call_s / decode_calls (decode blocks incl. the token transfer),
+prefill_s / prefill_calls (appends), host_s (per-block token bookkeeping and turn ends).
 """
 
 from __future__ import annotations
@@ -48,10 +53,39 @@ def _timed_search(retriever: Any, queries: list[str], topk: int):
   return out, time.perf_counter() - t0
 
 
+def _plan_appends(lengths: Sequence[int], buckets: Sequence[int]) -> list[list[int]]:
+  """Split append rows into calls: one batched call unless per-width calls pad far less.
+
+  The cost of a call is ~ rows (padded to a power of two) x token bucket; most flushes are a
+  handful of observations of similar length, which go in together.
+  """
+  def width(n: int) -> int:
+    return next((b for b in sorted(buckets) if b >= n), max(16, 1 << (n - 1).bit_length()))
+
+  def cost(idx: list[int]) -> int:
+    return (1 << (len(idx) - 1).bit_length()) * width(max(lengths[i] for i in idx))
+
+  everything = list(range(len(lengths)))
+  groups: dict[int, list[int]] = collections.defaultdict(list)
+  for i, n in enumerate(lengths):
+    groups[width(n)].append(i)
+  split = list(groups.values())
+  overhead = 64                       # per-call dispatch + cache window copy, in padded tokens
+  if sum(cost(g) + overhead for g in split) < cost(everything) + overhead:
+    return split
+  return [everything]
+
+
 def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever: Any,
                sampling: SamplingParams, cfg: LoopConfig, params: Any = None,
-               buckets: Sequence[int] = ()) -> dict:
-  """Run every episode to completion; returns timing/throughput stats."""
+               buckets: Sequence[int] = (), decode_steps: int = 16) -> dict:
+  """Run every episode to completion; returns timing/throughput stats.
+
+  decode_steps: generate steps per device call (`engine.decode_block`). A slot that stops
+  mid-block idles until the block ends, which it does early once every slot has stopped; turns
+  of similar length then run in lockstep, so a block near the turn length costs few idle steps
+  and amortises the host round trip and the cache-window copy over many tokens.
+  """
   params = engine.params if params is None else params
   nslots = engine.num_slots
   stats = collections.Counter()
@@ -69,31 +103,28 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
 
   def flush_prefill():
     nonlocal state
-    groups: dict[bool, list[int]] = collections.defaultdict(list)
-    for s in to_prefill:
-      ep = slot_ep[s]
-      fresh = ep.truncated_context or ep.append_start + len(ep.pending_ids) + 16 > engine.cache_len
-      groups[fresh].append(s)
-    for fresh, slots in groups.items():
-      eps = [slot_ep[s] for s in slots]
-      toks = [list(ep.context) if fresh else list(ep.pending_ids) for ep in eps]
-      starts = [0 if fresh else ep.append_start for ep in eps]
-      caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
-              for st, t in zip(starts, toks)]
-      # Bucket rows by token width so one long prompt does not pad every observation.
-      by_width: dict[int, list[int]] = collections.defaultdict(list)
-      for i, t in enumerate(toks):
-        by_width[max(16, 1 << (len(t) - 1).bit_length())].append(i)
-      for idx in by_width.values():
-        state = engine.append(state, [slots[i] for i in idx], [toks[i] for i in idx],
-                              [starts[i] for i in idx], params=params,
-                              max_new=[caps[i] for i in idx], sampling=sampling,
-                              keys=[eps[i].key for i in idx], buckets=buckets)
-        stats["prefill_tokens"] += sum(len(toks[i]) for i in idx)
-      for s in slots:
-        decoding[s] = True
-        turn_ids[s], turn_lps[s] = [], []
+    t0 = time.perf_counter()
+    slots = list(to_prefill)
+    eps = [slot_ep[s] for s in slots]
+    fresh = [ep.truncated_context or ep.append_start + len(ep.pending_ids) + 16 > engine.cache_len
+             for ep in eps]
+    toks = [list(ep.context) if f else list(ep.pending_ids) for ep, f in zip(eps, fresh)]
+    starts = [0 if f else ep.append_start for ep, f in zip(eps, fresh)]
+    caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
+            for st, t in zip(starts, toks)]
+    # Prompts (at 0) and tool results (at each slot's length) of all slots go in together.
+    for idx in _plan_appends([len(t) for t in toks], buckets):
+      state = engine.append(state, [slots[i] for i in idx], [toks[i] for i in idx],
+                            [starts[i] for i in idx], params=params,
+                            max_new=[caps[i] for i in idx], sampling=sampling,
+                            keys=[eps[i].key for i in idx], buckets=buckets)
+      stats["prefill_tokens"] += sum(len(toks[i]) for i in idx)
+      stats["prefill_calls"] += 1
+    for s in slots:
+      decoding[s] = True
+      turn_ids[s], turn_lps[s] = [], []
     to_prefill.clear()
+    stats["prefill_s"] += time.perf_counter() - t0
 
   def end_turn(s: int):
     ep = slot_ep[s]
@@ -140,16 +171,21 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
         if not waiting and all(e is None for e in slot_ep):
           break
         continue
-      state, result, (logprobs, stopped) = engine.generate_rl(params, state)
-      data = np.asarray(result.data)
-      lps, stop = np.asarray(logprobs), np.asarray(stopped)
-      stats["steps"] += 1
-      for s in np.nonzero(data[:, 1])[0]:
-        turn_ids[s].append(int(data[s, 0]))
-        turn_lps[s].append(float(lps[s]))
-        stats["generated_tokens"] += 1
-        if stop[s]:
+      t0 = time.perf_counter()
+      state, out = engine.decode_block(params, state, decode_steps)
+      t1 = time.perf_counter()
+      stats["decode_call_s"] += t1 - t0
+      stats["steps"] += len(out["tokens"])
+      stats["decode_calls"] += 1
+      valid, stopped = out["valid"], out["stopped"]
+      for s in np.nonzero(valid.any(axis=0))[0]:
+        rows = valid[:, s]
+        turn_ids[s].extend(out["tokens"][rows, s].tolist())
+        turn_lps[s].extend(out["logprobs"][rows, s].tolist())
+        stats["generated_tokens"] += int(rows.sum())
+        if stopped[:, s].any():
           end_turn(s)
+      stats["host_s"] += time.perf_counter() - t1
   finally:
     pool.shutdown(wait=True)
   total = time.perf_counter() - t_start
