@@ -165,3 +165,58 @@ def test_weight_swap_changes_output_without_recompiling(setup, tok):
   finally:
     engine.swap_params(original)
   assert run() == before
+
+
+def test_decode_block_and_batched_append_equal_generate_and_per_slot_append(setup, tok):
+  """The native driver's fast path (one batched append, k steps per call on a cache window)
+  emits the same tokens and logprobs as per-slot appends + one `generate` per token, including
+  a slot whose cache reaches past the window that later blocks use, then appended to again."""
+  _, engine = setup
+  kw = dict(num_slots=4, cache_len=300, max_prefill_length=64, stop_strings=(), max_tokens=12)
+  fast = StepSearchEngine(engine.config, engine.params, tok, **kw)
+  slow = StepSearchEngine(engine.config, engine.params, tok, **kw)
+  prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:3]]
+  long = (prompts[2] * 20)[:150]                         # slot 3 lives past slot 128
+  rows = prompts + [long]
+  hot = SamplingParams(temperature=2.0, top_p=0.95)
+  sampling = [SamplingParams.greedy(), hot, SamplingParams(temperature=1.0), hot]
+  keys = [fast.request_key(i) for i in range(4)]
+  caps = [12, 5, 9, 3]
+
+  def run_slow(state, slots, toks, starts):
+    for i, s in enumerate(slots):
+      state = slow.append(state, [s], [toks[i]], [starts[i]], max_new=caps[s],
+                          sampling=sampling[s], keys=[keys[s]])
+    state, outs, lps = _drain(slow, state, 14)
+    return state, outs, lps
+
+  def run_fast(state, slots, toks, starts, steps):
+    state = fast.append(state, slots, toks, starts, max_new=[caps[s] for s in slots],
+                        sampling=[sampling[s] for s in slots], keys=[keys[s] for s in slots])
+    outs, lps, ran = [[] for _ in range(4)], [[] for _ in range(4)], []
+    while True:
+      state, out = fast.decode_block(fast.params, state, steps)
+      ran.append(len(out["tokens"]))
+      for s in range(4):
+        v = out["valid"][:, s]
+        outs[s] += out["tokens"][v, s].tolist()
+        lps[s] += out["logprobs"][v, s].tolist()
+      if len(out["tokens"]) < steps or not out["valid"].any():
+        return state, outs, lps, ran
+
+  s_state, s_outs, s_lps = run_slow(slow.init_decode_state(), [0, 1, 2, 3], rows, [0] * 4)
+  f_state, f_outs, f_lps, ran = run_fast(fast.init_decode_state(), [0, 1, 2, 3], rows, [0] * 4, 4)
+  assert f_outs == s_outs and all(0 < len(o) <= c for o, c in zip(f_outs, caps))
+  assert sum(map(len, f_outs)) > 10
+  np.testing.assert_allclose(sum(f_lps, []), sum(s_lps, []), atol=1e-5)
+  assert ran[-1] < 4                                    # the block ends once no slot is active
+  # Append a tool result to slots 1 and 3 (slot 3 at position ~153, past the 128 window the
+  # last blocks used, so those blocks must have left its cache intact) and decode on.
+  pos = [len(r) + len([t for t in o if t not in fast.eos_ids]) for r, o in zip(rows, f_outs)]
+  more = [prompts[0], prompts[1]]
+  s_state, s_outs, s_lps = run_slow(s_state, [1, 3], more, [pos[1], pos[3]])
+  f_state, f_outs, f_lps, _ = run_fast(f_state, [1, 3], more, [pos[1], pos[3]], 16)
+  assert f_outs == s_outs and f_outs[1] and f_outs[3]
+  np.testing.assert_allclose(sum(f_lps, []), sum(s_lps, []), atol=1e-5)
+  assert fast.window_for(pos[3]) == 256 and fast.window_for(20) == 128
+  assert fast.window_for(10_000) == fast.cache_len

@@ -100,11 +100,16 @@ def test_invalid_action_warning_answer_and_caps(world):
   assert ep.done and ep.traj.truncated and len(ep.traj.response_ids) == len(bad) + 3
 
 
-def test_drivers_give_identical_greedy_trajectories(world, server):
+@pytest.fixture(scope="module")
+def engine(world, server):
   retriever = RetrieverClient(server, topk=3)
   config, params = toy.train_policy(world, retriever, steps=60, batch_size=8, lr=1e-2, limit=24)
-  engine = StepSearchEngine(config, params, world["tokenizer"], num_slots=4, cache_len=1024 + 81,
-                            max_prefill_length=1024)
+  return StepSearchEngine(config, params, world["tokenizer"], num_slots=4, cache_len=1024 + 81,
+                          max_prefill_length=1024)
+
+
+def test_drivers_give_identical_greedy_trajectories(world, server, engine):
+  retriever = RetrieverClient(server, topk=3)
   records = world["test_records"][:6]         # more records than slots: slots are refilled
   cfg = _rollout_cfg()
   native = rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True)
@@ -121,3 +126,23 @@ def test_drivers_give_identical_greedy_trajectories(world, server):
     assert all(lp < 0 for lp, m in zip(t.logprobs, t.loss_mask) if m)
   for a, b in zip(native, js):    # sampler logprobs vs the scoring pass: same model, same tokens
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+def test_native_sampled_trajectories_do_not_depend_on_the_block_size(world, server, engine):
+  """Temperature sampling through decode blocks of 16 steps and of 1 step draws the same tokens
+  (keys depend on trajectory and position only), records the sampler's logprob of each model
+  token (checked against a scoring pass) and the policy version."""
+  retriever = RetrieverClient(server, topk=3)
+  records = world["test_records"][:6]
+  runs = [rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=k),
+                  retriever, jax.random.PRNGKey(1), policy_version=3) for k in (16, 1)]
+  assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
+  assert runs[0].stats["steps"] >= runs[1].stats["steps"] / 4
+  assert runs[0].stats["decode_calls"] < runs[1].stats["decode_calls"]
+  for a, b in zip(*runs):
+    assert a.policy_version == 3
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    scored = engine.score(a.prompt_ids + a.response_ids)[len(a.prompt_ids) - 1:]
+    model = [i for i, m in enumerate(a.loss_mask) if m]
+    assert model and max(abs(a.logprobs[i] - scored[i]) for i in model) < 1e-3
+    assert all(a.logprobs[i] == 0.0 for i, m in enumerate(a.loss_mask) if not m)
