@@ -47,9 +47,14 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=64, help="trajectories per step (all algorithms)")
   p.add_argument("--grpo_n", type=int, default=4)
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+  p.add_argument("--base", default="", help="a finished demo workdir (e.g. runs/demo) whose "
+                 "world, tokenizer, index, warm start and before-RL evaluation are reused")
   args = p.parse_args()
   root = os.path.join(args.out, "rl_compare")
-  base = os.path.join(root, "base")
+  base = args.base or os.path.join(root, "base")
+  missing = [n for n in SHARED + ("results.json",) if not os.path.exists(os.path.join(base, n))]
+  if args.base and missing:
+    sys.exit(f"--base {args.base}: missing {missing} (run the demo there first)")
   os.makedirs(root, exist_ok=True)
   common = [f"--config.total_steps={args.steps}", "--config.eval_every=0",
             "--config.eval_before_train=True", f"--config.save_every={args.steps}",
@@ -87,7 +92,7 @@ def main() -> None:
                   "f1_std": float(f1.std()),
                   "searches": float(np.mean([r["searches"] or 0 for r in rs]))})
   out = {"warm_start": {"em": base_res.get("em_before"), "f1": base_res.get("f1_before")},
-         "steps": args.steps, "trajectories_per_step": args.batch, "runs": runs, "table": table}
+         "base": os.path.relpath(base, ROOT), "command": " ".join(sys.argv), "steps": args.steps, "trajectories_per_step": args.batch, "runs": runs, "table": table}
   with open(os.path.join(args.out, "rl_compare.json"), "w") as f:
     json.dump(out, f, indent=2)
   lines = ["| method | held-out EM (mean ± std) | held-out F1 (mean ± std) | searches/q |",

@@ -46,7 +46,7 @@ def _loss(config, params, tokens, attn, mask):
 
 
 def warm_start(config, params, examples, *, steps: int, batch_size: int, lr: float, pad_id: int,
-               seed: int = 0, weight_decay: float = 0.0, bucket: int = 128, log=print):
+               seed: int = 0, weight_decay: float = 0.0, bucket: int = 64, log=print):
   """Train `params` for `steps` AdamW steps on (ids, loss_mask) examples; returns (params, losses).
 
   Examples are grouped into length buckets (multiples of `bucket`) and each step draws one batch
