@@ -41,6 +41,7 @@ import concurrent.futures
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
@@ -124,6 +125,8 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
       decoding[s] = True
       turn_ids[s], turn_lps[s] = [], []
     to_prefill.clear()
+    # The next decode block waits for the appends anyway; waiting here times them honestly.
+    jax.block_until_ready(state.tokens)
     stats["prefill_s"] += time.perf_counter() - t0
 
   def end_turn(s: int):
