@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = -1
   c.rollout.n = 1                   # samples per prompt (grpo needs > 1)
   c.rollout.num_slots = 128         # decode batch of the engine
+  c.rollout.decode_steps_per_call = 16  # native driver: decode steps per device call (stops on device)
   c.rollout.prefill_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
 
   c.reward = ml_collections.ConfigDict()
