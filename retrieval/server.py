@@ -328,7 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--warmup_batch", type=int, default=64,
                  help="compile encoder batch shapes up to this size before serving (0: none)")
   p.add_argument("--log_level", default="warning")
+  p.add_argument("--parent_pid", type=int, default=0,
+                 help="exit when this process dies (start_subprocess passes the trainer's pid)")
   a = p.parse_args(argv)
+  if a.parent_pid:
+    exit_with_parent(a.parent_pid)
   if not is_loopback(a.host) and not a.token:
     print(f"WARNING: serving on {a.host} without --token: anyone who can reach this port can "
           "query the index", file=sys.stderr)
@@ -350,12 +354,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-def _die_with_parent() -> None:
-  """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (no orphan server
-  keeps a port and a GiB of index after a killed training job). Linux prctl(PR_SET_PDEATHSIG)."""
+def exit_with_parent(parent_pid: int) -> None:
+  """SIGTERM this process when `parent_pid` dies, even by SIGKILL, so no orphan server keeps a port
+  and a GiB of index after a killed training job (Linux prctl(PR_SET_PDEATHSIG); elsewhere a no-op).
+  Called by the server itself rather than in a preexec_fn: forking a multithreaded JAX process to
+  run Python before exec can deadlock."""
+  if not sys.platform.startswith("linux"):
+    return
   import ctypes
   import signal
-  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+  if os.getppid() != parent_pid:                                 # the parent died before prctl
+    sys.exit(f"retrieval server: parent process {parent_pid} is gone")
 
 
 def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBACK,
@@ -364,8 +374,10 @@ def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBA
                      ) -> tuple[subprocess.Popen, str]:
   """Start `python -m retrieval.server` and wait until /health answers; returns (proc, url).
 
-  Stop it with proc.terminate(). The server's output goes to `proc.log_path`, whose tail is put
-  into the error if the server dies or does not come up within `timeout_s`.
+  Stop it with proc.terminate(); it also exits when this process dies (call this from a thread
+  that lives as long as the server should: Linux ties the signal to the creating thread). The
+  server's output goes to `proc.log_path`, whose tail is put into the error if the server dies or
+  does not come up within `timeout_s`.
   """
   import httpx
   if port is None:
@@ -374,14 +386,13 @@ def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBA
   url = f"http://{host}:{port}"
   log = tempfile.NamedTemporaryFile("w+b", prefix="retrieval_server_", suffix=".log", delete=False)
   cmd = [sys.executable, "-m", "retrieval.server", "--index", index_dir, "--host", host,
-         "--port", str(port), *extra_args]
+         "--port", str(port), "--parent_pid", str(os.getpid()), *extra_args]
   if token:
     cmd += ["--token", token]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc_env = {**os.environ, **(env or {})}
   proc_env["PYTHONPATH"] = root + os.pathsep + proc_env.get("PYTHONPATH", "")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env,
-                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
   proc.log_path = log.name
   headers = {"Authorization": f"Bearer {token}"} if token else {}
   deadline = time.time() + timeout_s

@@ -77,7 +77,9 @@ def load_policy(path: str, dtype: str | None = None):
     import orbax.checkpoint as ocp
     cfg_hf = json.load(open(os.path.join(path, "model_config.json")))
     config = models.ModelConfig.from_hf(cfg_hf, **({"dtype": dtype} if dtype else {}))
-    mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"), item_names=("state", "meta"))
+    # orbax needs an absolute path; `--checkpoint runs/demo` is how people type it
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")),
+                                 item_names=("state", "meta"))
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"--checkpoint {path}: no checkpoint under {path}/checkpoints")
@@ -112,7 +114,13 @@ def main(argv):
       raise SystemExit(f"FATAL --data file {p} does not exist")
   records = load_records(_DATA.value)
   config, params, tok = load_policy(_CHECKPOINT.value, cfg.model.dtype)
-  client, fingerprint, proc = workspace.start_retrieval(cfg, out, cfg.retrieval.corpus)
+  # A training workdir carries its index (and a synthetic world its corpus): evaluate against
+  # the same retrieval as training unless retrieval.index_dir / retrieval.corpus say otherwise.
+  ckpt = _CHECKPOINT.value
+  home = ckpt if os.path.exists(os.path.join(ckpt, "index", "manifest.json")) else out
+  world_corpus = os.path.join(ckpt, "world", "corpus.jsonl")
+  corpus = cfg.retrieval.corpus or (world_corpus if os.path.exists(world_corpus) else "")
+  client, fingerprint, proc = workspace.start_retrieval(cfg, home, corpus)
   try:
     engine = workspace.engine_for(cfg, config, params, tok)
     summary = run_validation(engine, records, cfg, client, jax.random.PRNGKey(cfg.seed),

@@ -115,3 +115,26 @@ def test_drop_lost_metrics_and_logged_validation(tmp_path):
   assert train.logged_validation(str(path), 1) == {}
   assert train.drop_lost_metrics(str(path), 0) == 3 and path.read_text() == ""
   assert train.drop_lost_metrics(str(tmp_path / "absent.jsonl"), 3) == 0
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_training_workdir_given_as_a_relative_path(train_runs, train_base):
+  """The README's evaluate command: a workdir reuses its own index; a relative path works (orbax
+  wants absolute paths) and the table, JSON and predictions land in WORKDIR/eval."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  wd = train_base["workdir"]
+  cmd = [sys.executable, "-m", "stepsearch_jax.evaluate", "--config",
+         str(ROOT / "configs" / "demo.py") + ":test", "--checkpoint", wd.name,
+         "--data", f"{wd.name}/world/test.parquet"]
+  p = subprocess.run(cmd, cwd=wd.parent, env=train_runs.env(), capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  summary = json.loads((wd / "eval" / "results.json").read_text())
+  assert summary["n"] == 4 and 0.0 <= summary["em"] <= 1.0
+  assert summary["index_fingerprint"] == json.loads(
+      (wd / "index" / "manifest.json").read_text())["fingerprint"]
+  rows = [json.loads(l) for l in (wd / "eval" / "predictions.jsonl").read_text().splitlines()]
+  assert len(rows) == 4 and {"prediction", "em", "f1", "ground_truth"} <= rows[0].keys()
+  assert "| synthetic | 4 |" in p.stdout
