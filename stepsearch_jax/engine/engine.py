@@ -131,7 +131,8 @@ class StepSearchEngine(engine_api.Engine):
                                      static_argnums=(2, 3))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
-    self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,), static_argnums=(11,))
+    self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,),
+                               static_argnums=(11, 12))
     self._score_jit = jax.jit(self._score_impl)
     self._init_jit = None
 
@@ -215,7 +216,7 @@ class StepSearchEngine(engine_api.Engine):
   def _insert_impl(self, prefix: Prefix, state: DecodeState, slot):
     def put(big, small):
       return jax.lax.dynamic_update_slice(big, small.astype(big.dtype),
-                                          (0, slot) + (0,) * (big.ndim - 2))
+                                          (slot,) + (0,) * (big.ndim - 1))
     cache = jax.tree_util.tree_map(put, state.cache, prefix.cache)
     return self._set_rows(state, cache, slot[None], prefix.token, prefix.logprob, prefix.length,
                           prefix.max_new, prefix.temperature,
@@ -231,13 +232,24 @@ class StepSearchEngine(engine_api.Engine):
         keys=state.keys.at[rows].set(keys))
 
   def _append_impl(self, params, state: DecodeState, rows, tokens, start, lengths, max_new,
-                   temperature, top_p, top_k, keys, window: int):
-    # Only the rows being appended and the first `window` cache slots (>= every row's
-    # start + width) take part: cost scales with the tokens written, not with the whole cache.
-    sub = jax.tree_util.tree_map(lambda c: c[:, rows, :window], state.cache)
-    logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
-                                        last_index=lengths - 1)
-    cache = jax.tree_util.tree_map(lambda c, s: c.at[:, rows, :window].set(s), state.cache, sub)
+                   temperature, top_p, top_k, keys, window: int, dense: bool = False):
+    # Only the first `window` cache slots (>= every row's start + width) take part, so the cost
+    # follows the tokens written, not the whole cache. Sparse: the appended rows' caches are
+    # gathered and scattered back. Dense (when the padded rows would be every slot anyway):
+    # `tokens`/`start`/`lengths` are per slot, slots not appended to start at `window` (their
+    # writes are dropped), and the window is sliced in place: no gather or scatter of the cache.
+    if dense:
+      sub = jax.tree_util.tree_map(lambda c: c[:, :, :window], state.cache)
+      logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
+                                          last_index=lengths - 1)
+      cache = jax.tree_util.tree_map(
+          lambda c, s: jax.lax.dynamic_update_slice(c, s, (0,) * c.ndim), state.cache, sub)
+      logits, start, lengths = logits[rows], start[rows], lengths[rows]
+    else:
+      sub = jax.tree_util.tree_map(lambda c: c[rows, :, :window], state.cache)
+      logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
+                                          last_index=lengths - 1)
+      cache = jax.tree_util.tree_map(lambda c, s: c.at[rows, :, :window].set(s), state.cache, sub)
     end = start + lengths
     tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
     return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)
@@ -401,13 +413,17 @@ class StepSearchEngine(engine_api.Engine):
     repeating row 0, which writes identical values) to all slots for short appends and to a power
     of two, tokens to the smallest bucket that fits, and only the first `window_for(start + width)`
     cache slots are read and written, so the cost follows the appended tokens and compilations
-    stay few (one per rows x width x window bucket).
+    stay few (one per rows x width x window bucket). When the padded rows would be every slot,
+    the call runs per slot on the cache window in place (idle slots write nothing) instead of
+    gathering and scattering the rows' caches.
     """
     n = len(slots)
     if not (n == len(tokens) == len(starts)):
       raise ValueError("append: slots, tokens and starts must have the same length")
     if n == 0:
       return decode_state
+    if len(set(slots)) != n:
+      raise ValueError(f"append: slots must be distinct, got {list(slots)}")
     lengths = [len(t) for t in tokens]
     if min(lengths) <= 0:
       raise ValueError("append: every row needs at least one token")
@@ -438,13 +454,23 @@ class StepSearchEngine(engine_api.Engine):
       values = list(values)
       return jnp.asarray(np.asarray(values + [values[0]] * len(pad), dtype))
 
+    dense = rows == self.num_slots
+    if dense:   # per-slot tokens; idle slots write past the window (dropped)
+      tok_rows, tok = tok, np.zeros((self.num_slots, width), np.int32)
+      start_col = np.full(self.num_slots, window, np.int32)
+      length_col = np.ones(self.num_slots, np.int32)
+      for i, (s, st, ln) in enumerate(zip(slots, starts, lengths)):
+        tok[s], start_col[s], length_col[s] = tok_rows[i], st, ln
+      start_col, length_col = jnp.asarray(start_col), jnp.asarray(length_col)
+    else:
+      start_col, length_col = col(starts, np.int32), col(lengths, np.int32)
     return self._append_jit(
         self.params if params is None else params, decode_state, col(slots, np.int32),
-        jnp.asarray(tok), col(starts, np.int32), col(lengths, np.int32), col(max_new, np.int32),
+        jnp.asarray(tok), start_col, length_col, col(max_new, np.int32),
         col([s.temperature for s in sampling], np.float32),
         col([s.top_p for s in sampling], np.float32), col([s.top_k for s in sampling], np.int32),
         jnp.asarray(np.stack([np.asarray(k, np.uint32) for k in keys]
-                             + [np.asarray(keys[0], np.uint32)] * len(pad))), window)
+                             + [np.asarray(keys[0], np.uint32)] * len(pad))), window, dense)
 
   def score(self, token_ids: Sequence[int], params: Any = None) -> np.ndarray:
     """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's weights (one forward)."""

@@ -76,10 +76,15 @@ def apply_lm(config: ModelConfig, params: Params, tokens: jax.Array,
   return logits_from_hidden(config, params, hidden)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
-  """Zeroed KV cache {'k', 'v'}: [L, B, max_len, Hkv, Dh] in the compute dtype."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[jax.Array, ...]]:
+  """Zeroed KV cache {'k', 'v'}: per layer a [B, Hkv, max_len, Dh] array in the compute dtype.
+
+  Per-layer arrays in the attention's own layout let the cached forward read and write each
+  layer's keys/values in place (see decoder.Decoder).
+  """
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  return {name: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+          for name in ("k", "v")}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "last_only"), donate_argnames=("cache",))
@@ -89,8 +94,8 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, cache
   """Write T tokens per row at slots cache_index[b].. and return (float32 logits, new cache).
 
   RoPE positions are the slot indices; a query at slot i attends to slots 0..i of its row (stale
-  slots past i are masked, so padded prefill buckets are harmless). The caller must keep
-  cache_index + T <= max_len (dynamic_update_slice would clamp the write otherwise).
+  slots past i are masked, so padded prefill buckets are harmless). Writes past max_len are
+  dropped (not clamped), so keep cache_index + T <= max_len for the tokens that matter.
   With last_only, logits are [B, V] at position last_index[b] (default T-1) of the T new tokens.
   """
   b, t = tokens.shape

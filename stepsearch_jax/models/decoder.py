@@ -6,8 +6,10 @@ over the cache (prefill, decode, appending tool output). Sampler and trainer the
 op except the key/value source, so their log-probabilities agree by construction.
 
 Layers are stored stacked (leading ``layers`` axis, created with ``nnx.vmap``) and run with
-``jax.lax.scan``, which keeps compile time flat in depth (a 30-layer model compiles as fast as a
-2-layer one). The KV cache rides in the scan carry and is updated in place (donate it).
+``jax.lax.scan`` in the full-sequence forward, which keeps training compile time flat in depth.
+The cached forward runs the same blocks unrolled over layers on a per-layer KV cache
+(``{'k': (L arrays [B, Hkv, S, Dh]), 'v': ...}``) updated in place (donate it): attention then
+reads each layer's cache where it lies, in the layout its matmuls consume.
 
 Numerics: matmuls in ``config.dtype``, RMSNorm statistics, RoPE, attention softmax and logits in
 float32.
@@ -63,6 +65,46 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+def _attend(q, keys, values, q_idx, scale):
+  """q [B, Hkv, G, T, Dh] over keys/values [B, Hkv, S, Dh]; query t sees slots <= q_idx[b, t]."""
+  s = keys.shape[2]
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=_F32) * scale
+  allowed = jnp.arange(s)[None, None, :] <= q_idx[:, :, None]
+  scores = jnp.where(allowed[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+
+
+_SCORES_CHUNK_BYTES = 2 << 20
+
+
+def _cached_attention(q, keys, values, q_idx, scale):
+  """`_attend`, on CPU in batch chunks whose float32 scores stay cache-resident (~2 MiB).
+
+  A prefill or tool-result append materialises [B, Hkv, G, T, S] scores; on CPU the passes over
+  that tensor (mask, softmax) are memory-bound and cost ~3x more than chunks that stay in cache.
+  Each row's arithmetic is unchanged. Accelerators (and T=1 decode steps) attend in one piece.
+  """
+  b, kh, g, t, _ = q.shape
+  per_row = kh * g * t * keys.shape[2] * 4
+  rows = 1
+  while rows * 2 <= b and b % (rows * 2) == 0 and rows * 2 * per_row <= _SCORES_CHUNK_BYTES:
+    rows *= 2
+  if rows >= b:
+    return _attend(q, keys, values, q_idx, scale)
+
+  def chunked(q, keys, values, q_idx):
+    def split(x):
+      return x.reshape((b // rows, rows) + x.shape[1:])
+    out = jax.lax.map(lambda a: _attend(*a, scale), (split(q), split(keys), split(values),
+                                                      split(q_idx)))
+    return out.reshape(q.shape[:-1] + values.shape[-1:])
+
+  return jax.lax.platform_dependent(
+      q, keys, values, q_idx, cpu=chunked,
+      default=lambda q, keys, values, q_idx: _attend(q, keys, values, q_idx, scale))
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; q head h reads kv head h // (H / Hkv), as HF's repeat_kv."""
 
@@ -88,11 +130,11 @@ class Attention(nnx.Module):
       y = y + getattr(self, name + "_bias")[...].astype(dt)
     return y
 
-  def __call__(self, x, positions, key_valid, cache, layer):
+  def __call__(self, x, positions, key_valid, cache):
     """x [B,T,D]. cache None: keys are these T tokens (causal + key_valid mask).
 
-    cache (k, v, index): write the T new keys at slots index[b]..index[b]+T-1 of layer `layer` and
-    attend over all S slots, query slot i seeing slots <= i.
+    cache (k, v, index), this layer's [B, Hkv, S, Dh] keys/values: write the T new keys at slots
+    index[b]..index[b]+T-1 and attend over all S slots, query slot i seeing slots <= i.
     """
     cfg, dt = self.cfg, x.dtype
     b, t, _ = x.shape
@@ -100,34 +142,36 @@ class Attention(nnx.Module):
     k = rope(self._proj(x, "k"), positions, cfg.rope_theta)
     v = self._proj(x, "v")
     q = constrain(q, "batch", "length", "heads", "head_dim")
+    groups = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     if cache is None:
-      keys, values, new_cache = k, v, None
       q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
       allowed = jnp.arange(t)[None, None, :] <= q_idx[:, :, None]
       if key_valid is not None:
         allowed = allowed & key_valid[:, None, :].astype(bool)
+      scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_F32)
+      new_cache = None
     else:
       k_cache, v_cache, index = cache
-      # One scatter per layer into the carried cache. (A vmapped dynamic_update_slice lowered to
-      # a per-row copy of the whole cache on CPU: 30x slower at batch 32.) Writes past the cache
-      # end are dropped, never clamped onto other slots.
+      # One scatter into this layer's cache (in place when donated). Writes past the cache end
+      # are dropped, never clamped onto other slots.
       rows = jnp.arange(b)[:, None]
       cols = index[:, None] + jnp.arange(t)[None, :]
-      k_cache = k_cache.at[layer, rows, cols].set(k.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[layer, rows, cols].set(v.astype(v_cache.dtype), mode="drop")
-      keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
-      values = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
-      s = keys.shape[1]
+      k_cache = k_cache.at[rows, :, cols].set(k.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[rows, :, cols].set(v.astype(v_cache.dtype), mode="drop")
+      # The cache is [B, Hkv, S, Dh], the layout both attention matmuls consume with (B, Hkv) as
+      # batch dims, so the keys/values are read in place: no per-step transpose or copy of the
+      # cache (only the small query/output tensors are transposed).
       q_idx = index[:, None] + jnp.arange(t)[None]
-      allowed = jnp.arange(s)[None, None, :] <= q_idx[:, :, None]
-      new_cache = (k_cache, v_cache, index)
-    groups = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=_F32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, cfg.num_heads, cfg.head_dim)
+      out = _cached_attention(qg.transpose(0, 2, 3, 1, 4), k_cache.astype(dt),
+                              v_cache.astype(dt), q_idx, cfg.head_dim ** -0.5)
+      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+      new_cache = (k_cache, v_cache)
+    if cache is None:
+      scores = scores * (cfg.head_dim ** -0.5)
+      scores = jnp.where(allowed[:, None, None], scores, _NEG)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
     y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dt))
     if cfg.o_bias:
       y = y + self.o_bias[...].astype(dt)
@@ -156,8 +200,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_valid, cache, layer):
-    y, cache = self.attn(self.attn_norm(x), positions, key_valid, cache, layer)
+  def __call__(self, x, positions, key_valid, cache):
+    y, cache = self.attn(self.attn_norm(x), positions, key_valid, cache)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, "batch", "length", "embed"), cache
@@ -192,21 +236,26 @@ class Decoder(nnx.Module):
     x = table.astype(cfg.compute_dtype)[tokens]
     x = constrain(x, "batch", "length", "embed")
     graphdef, layer_state = nnx.split(self.layers)
+    if cache is None:
+      def body(x, state):
+        x, _ = nnx.merge(graphdef, state)(x, positions, key_valid, None)
+        return x, None
 
-    def body(carry, xs):
-      x, kv = carry
-      state, layer = xs
-      block = nnx.merge(graphdef, state)
-      cache_arg = None if kv is None else (kv[0], kv[1], cache_index)
-      x, new = block(x, positions, key_valid, cache_arg, layer)
-      return (x, None if new is None else new[:2]), None
-
-    if cfg.remat:
-      body = jax.checkpoint(body, prevent_cse=False)
-    kv = None if cache is None else (cache["k"], cache["v"])
-    (x, kv), _ = jax.lax.scan(body, (x, kv), (layer_state, jnp.arange(cfg.num_layers)))
-    new_cache = None if kv is None else {"k": kv[0], "v": kv[1]}
-    return self.final_norm(x), new_cache
+      if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, layer_state)
+      return self.final_norm(x), None
+    # Cached path: the same blocks, unrolled over layers, each with its own cache arrays. (A
+    # stacked [L, ...] cache in a layer scan made XLA copy the layer's cache out of the stack,
+    # and transpose it, on every step: most of the decode time on CPU.)
+    if len(cache["k"]) != cfg.num_layers:
+      raise ValueError(f"cache has {len(cache['k'])} layers, the model {cfg.num_layers}")
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for layer in range(cfg.num_layers):
+      block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], layer_state))
+      x, (ks[layer], vs[layer]) = block(x, positions, key_valid,
+                                        (ks[layer], vs[layer], cache_index))
+    return self.final_norm(x), {"k": tuple(ks), "v": tuple(vs)}
 
   def logits(self, hidden):
     dt = hidden.dtype

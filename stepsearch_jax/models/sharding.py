@@ -121,6 +121,6 @@ def shard_params(params: Any, mesh: Mesh, config) -> Any:
 
 
 def cache_sharding(mesh: Mesh, cache: Any) -> Any:
-  """Shardings for the KV cache pytree ({'k', 'v'}: [L, B, S, Hkv, Dh])."""
-  names = ("layers", "batch", "length", "kv_heads", "head_dim")
+  """Shardings for the KV cache pytree ({'k', 'v'}: per layer [B, Hkv, S, Dh])."""
+  names = ("batch", "kv_heads", "length", "head_dim")
   return jax.tree.map(lambda c: logical_sharding(mesh, *names, shape=c.shape), cache)
