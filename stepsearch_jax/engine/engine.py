@@ -144,7 +144,7 @@ class StepSearchEngine(engine_api.Engine):
     match = (stops[None] == -1) | (tail[:, None, :] == stops[None])
     return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
-  def _step(self, params, state: DecodeState, cache, limit: int):
+  def _step(self, params, state: DecodeState, cache, limit: int, layers=None):
     """One decode step over `cache` (the full cache or a window of its first `limit` slots).
 
     Inactive rows write nothing (their write index is `limit`, which the scatter drops), so a
@@ -158,7 +158,7 @@ class StepSearchEngine(engine_api.Engine):
     stopped = valid & (self._stop_hit(tail) | is_eos | (gen_len >= state.max_new))
     write_pos = jnp.where(valid, jnp.minimum(state.pos, limit - 1), limit)
     logits, cache = models.forward_cached(self.config, params, emit[:, None], cache,
-                                          write_pos, last_only=True)
+                                          write_pos, last_only=True, layers=layers)
     nxt, nxt_lp = sampling_lib.sample(logits, state.keys, state.pos + 1, state.temperature,
                                       state.top_p, state.top_k)
     active = valid & ~stopped
@@ -183,7 +183,8 @@ class StepSearchEngine(engine_api.Engine):
     ends early once no row is active. Outputs are [steps, B]; rows after a stop report valid=0.
     """
     b = self.num_slots
-    win = jax.tree_util.tree_map(lambda c: c[:, :, :window], state.cache)
+    win = models.cache_window(state.cache, window)
+    layers = models.split_layers(self.config, params)   # once per block, not per step
     bufs = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool),
             jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b), bool))
 
@@ -193,14 +194,13 @@ class StepSearchEngine(engine_api.Engine):
 
     def body(carry):
       i, st, win, bufs = carry
-      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window)
+      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window, layers)
       bufs = tuple(buf.at[i].set(x) for buf, x in zip(bufs, (emit, valid, lp, stopped)))
       return i + 1, st, win, bufs
 
     n, st, win, bufs = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
-    cache = jax.tree_util.tree_map(
-        lambda c, w: jax.lax.dynamic_update_slice(c, w, (0,) * c.ndim), state.cache, win)
+    cache = models.cache_put_window(state.cache, win)
     return st.replace(cache=cache), n, bufs
 
   def _prefill_impl(self, params, tokens, true_length, max_new, temperature, top_p, top_k, key):
@@ -239,17 +239,16 @@ class StepSearchEngine(engine_api.Engine):
     # `tokens`/`start`/`lengths` are per slot, slots not appended to start at `window` (their
     # writes are dropped), and the window is sliced in place: no gather or scatter of the cache.
     if dense:
-      sub = jax.tree_util.tree_map(lambda c: c[:, :, :window], state.cache)
+      sub = models.cache_window(state.cache, window)
       logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
                                           last_index=lengths - 1)
-      cache = jax.tree_util.tree_map(
-          lambda c, s: jax.lax.dynamic_update_slice(c, s, (0,) * c.ndim), state.cache, sub)
+      cache = models.cache_put_window(state.cache, sub)
       logits, start, lengths = logits[rows], start[rows], lengths[rows]
     else:
-      sub = jax.tree_util.tree_map(lambda c: c[rows, :, :window], state.cache)
+      sub = models.cache_window(state.cache, window, rows)
       logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
                                           last_index=lengths - 1)
-      cache = jax.tree_util.tree_map(lambda c, s: c.at[rows, :, :window].set(s), state.cache, sub)
+      cache = models.cache_put_window(state.cache, sub, rows)
     end = start + lengths
     tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
     return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)

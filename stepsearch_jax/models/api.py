@@ -76,33 +76,74 @@ def apply_lm(config: ModelConfig, params: Params, tokens: jax.Array,
   return logits_from_hidden(config, params, hidden)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[jax.Array, ...]]:
-  """Zeroed KV cache {'k', 'v'}: per layer a [B, Hkv, max_len, Dh] array in the compute dtype.
+# Sequence axis of each per-layer cache array: keys are stored [B, Hkv, Dh, S] (transposed, so the
+# decode step's q.k product is a plain matmul over a contiguous [Dh, S] block; stored [S, Dh] it
+# was ~5x slower on CPU), values [B, Hkv, S, Dh] (the p.v product's natural layout).
+CACHE_SEQ_AXIS = {"k": 3, "v": 2}
 
-  Per-layer arrays in the attention's own layout let the cached forward read and write each
-  layer's keys/values in place (see decoder.Decoder).
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, tuple[jax.Array, ...]]:
+  """Zeroed KV cache: {'k': per layer [B, Hkv, Dh, max_len], 'v': per layer [B, Hkv, max_len, Dh]}.
+
+  Per-layer arrays in the attention's own layouts let the cached forward read and write each
+  layer's keys/values in place (see decoder.Decoder); `CACHE_SEQ_AXIS` names the length axis.
   """
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  b, h, d = batch, config.num_kv_heads, config.head_dim
+  shapes = {"k": (b, h, d, max_len), "v": (b, h, max_len, d)}
   return {name: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-          for name in ("k", "v")}
+          for name, shape in shapes.items()}
+
+
+def _window_index(name: str, window: int, rows):
+  index = [slice(None)] * 4
+  index[CACHE_SEQ_AXIS[name]] = slice(0, window)
+  if rows is not None:
+    index[0] = rows
+  return tuple(index)
+
+
+def cache_window(cache: dict, window: int, rows: jax.Array | None = None) -> dict:
+  """The first `window` slots of every row (or of rows `rows`) of a cache (a copy)."""
+  return {name: tuple(c[_window_index(name, window, rows)] for c in layers)
+          for name, layers in cache.items()}
+
+
+def cache_put_window(cache: dict, sub: dict, rows: jax.Array | None = None) -> dict:
+  """Write a `cache_window` result back (in place when the cache is donated)."""
+  def put(name, c, s):
+    if rows is None:
+      return jax.lax.dynamic_update_slice(c, s, (0,) * c.ndim)
+    return c.at[_window_index(name, s.shape[CACHE_SEQ_AXIS[name]], rows)].set(s)
+  return {name: tuple(put(name, c, s) for c, s in zip(cache[name], sub[name])) for name in cache}
+
+
+def split_layers(config: ModelConfig, params: Params) -> tuple:
+  """The stacked layer params as one pure dict per layer (pass to `forward_cached(layers=...)`).
+
+  A loop of decode steps inside one program should split them once, outside the loop: XLA does
+  not hoist the per-layer slices of loop-invariant weights (a full weight copy per step on CPU).
+  """
+  return tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"])
+               for i in range(config.num_layers))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "last_only"), donate_argnames=("cache",))
 def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
                    cache_index: jax.Array, *, last_only: bool = False,
-                   last_index: jax.Array | None = None):
+                   last_index: jax.Array | None = None, layers: tuple | None = None):
   """Write T tokens per row at slots cache_index[b].. and return (float32 logits, new cache).
 
   RoPE positions are the slot indices; a query at slot i attends to slots 0..i of its row (stale
   slots past i are masked, so padded prefill buckets are harmless). Writes past max_len are
   dropped (not clamped), so keep cache_index + T <= max_len for the tokens that matter.
   With last_only, logits are [B, V] at position last_index[b] (default T-1) of the T new tokens.
+  layers: optional `split_layers(config, params)` (same values; saves per-call weight slicing).
   """
   b, t = tokens.shape
   cache_index = cache_index.astype(jnp.int32)
   positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   model = decoder.merge(config, params)
-  hidden, new_cache = model(tokens, positions, None, cache, cache_index)
+  hidden, new_cache = model(tokens, positions, None, cache, cache_index, layer_params=layers)
   if last_only:
     idx = jnp.full((b,), t - 1, jnp.int32) if last_index is None else last_index.astype(jnp.int32)
     hidden = hidden[jnp.arange(b), idx]

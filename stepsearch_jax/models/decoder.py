@@ -8,7 +8,7 @@ op except the key/value source, so their log-probabilities agree by construction
 Layers are stored stacked (leading ``layers`` axis, created with ``nnx.vmap``) and run with
 ``jax.lax.scan`` in the full-sequence forward, which keeps training compile time flat in depth.
 The cached forward runs the same blocks unrolled over layers on a per-layer KV cache
-(``{'k': (L arrays [B, Hkv, S, Dh]), 'v': ...}``) updated in place (donate it): attention then
+(``{'k': L arrays [B, Hkv, Dh, S], 'v': L arrays [B, Hkv, S, Dh]}``) updated in place (donate it): attention then
 reads each layer's cache where it lies, in the layout its matmuls consume.
 
 Numerics: matmuls in ``config.dtype``, RMSNorm statistics, RoPE, attention softmax and logits in
@@ -66,9 +66,10 @@ def rope(x, positions, theta: float):
 
 
 def _attend(q, keys, values, q_idx, scale):
-  """q [B, Hkv, G, T, Dh] over keys/values [B, Hkv, S, Dh]; query t sees slots <= q_idx[b, t]."""
-  s = keys.shape[2]
-  scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=_F32) * scale
+  """q [B, Hkv, G, T, Dh] over keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]; query t sees
+  slots <= q_idx[b, t]."""
+  s = keys.shape[3]
+  scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys, preferred_element_type=_F32) * scale
   allowed = jnp.arange(s)[None, None, :] <= q_idx[:, :, None]
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -86,7 +87,7 @@ def _cached_attention(q, keys, values, q_idx, scale):
   Each row's arithmetic is unchanged. Accelerators (and T=1 decode steps) attend in one piece.
   """
   b, kh, g, t, _ = q.shape
-  per_row = kh * g * t * keys.shape[2] * 4
+  per_row = kh * g * t * keys.shape[3] * 4
   rows = 1
   while rows * 2 <= b and b % (rows * 2) == 0 and rows * 2 * per_row <= _SCORES_CHUNK_BYTES:
     rows *= 2
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, key_valid, cache):
     """x [B,T,D]. cache None: keys are these T tokens (causal + key_valid mask).
 
-    cache (k, v, index), this layer's [B, Hkv, S, Dh] keys/values: write the T new keys at slots
+    cache (k, v, index), this layer's keys [B, Hkv, Dh, S] and values [B, Hkv, S, Dh]: write the T new keys at slots
     index[b]..index[b]+T-1 and attend over all S slots, query slot i seeing slots <= i.
     """
     cfg, dt = self.cfg, x.dtype
@@ -157,11 +158,11 @@ class Attention(nnx.Module):
       # are dropped, never clamped onto other slots.
       rows = jnp.arange(b)[:, None]
       cols = index[:, None] + jnp.arange(t)[None, :]
-      k_cache = k_cache.at[rows, :, cols].set(k.astype(k_cache.dtype), mode="drop")
+      k_cache = k_cache.at[rows, :, :, cols].set(k.astype(k_cache.dtype), mode="drop")
       v_cache = v_cache.at[rows, :, cols].set(v.astype(v_cache.dtype), mode="drop")
-      # The cache is [B, Hkv, S, Dh], the layout both attention matmuls consume with (B, Hkv) as
-      # batch dims, so the keys/values are read in place: no per-step transpose or copy of the
-      # cache (only the small query/output tensors are transposed).
+      # Keys [B, Hkv, Dh, S] and values [B, Hkv, S, Dh] are the layouts the two attention matmuls
+      # consume with (B, Hkv) as batch dims, so the cache is read in place: no per-step transpose
+      # or copy of it (only the small query/output tensors are transposed).
       q_idx = index[:, None] + jnp.arange(t)[None]
       out = _cached_attention(qg.transpose(0, 2, 3, 1, 4), k_cache.astype(dt),
                               v_cache.astype(dt), q_idx, cfg.head_dim ** -0.5)
@@ -226,8 +227,13 @@ class Decoder(nnx.Module):
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype,
                             ("embed", "vocab"))
 
-  def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None):
-    """Returns (final-normed hidden [B,T,D], new cache or None)."""
+  def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None,
+               layer_params=None):
+    """Returns (final-normed hidden [B,T,D], new cache or None).
+
+    layer_params (cached path only): the layers' params already split per layer (pure dicts, see
+    api.split_layers), so that a caller looping over decode steps slices them once, not per step.
+    """
     cfg = self.cfg
     # Gather from a table replicated across the mesh (FSDP all-gathers it like any weight): a
     # gather from a vocab/embed-sharded table into a batch-sharded result has no efficient SPMD
@@ -252,7 +258,10 @@ class Decoder(nnx.Module):
       raise ValueError(f"cache has {len(cache['k'])} layers, the model {cfg.num_layers}")
     ks, vs = list(cache["k"]), list(cache["v"])
     for layer in range(cfg.num_layers):
-      block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], layer_state))
+      if layer_params is not None:
+        block = nnx.merge(graphdef, layer_params[layer])
+      else:
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], layer_state))
       x, (ks[layer], vs[layer]) = block(x, positions, key_valid,
                                         (ks[layer], vs[layer], cache_index))
     return self.final_norm(x), {"k": tuple(ks), "v": tuple(vs)}

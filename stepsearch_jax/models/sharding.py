@@ -121,6 +121,8 @@ def shard_params(params: Any, mesh: Mesh, config) -> Any:
 
 
 def cache_sharding(mesh: Mesh, cache: Any) -> Any:
-  """Shardings for the KV cache pytree ({'k', 'v'}: per layer [B, Hkv, S, Dh])."""
-  names = ("batch", "kv_heads", "length", "head_dim")
-  return jax.tree.map(lambda c: logical_sharding(mesh, *names, shape=c.shape), cache)
+  """Shardings for the KV cache pytree ({'k': per layer [B, Hkv, Dh, S], 'v': [B, Hkv, S, Dh]})."""
+  names = {"k": ("batch", "kv_heads", "head_dim", "length"),
+           "v": ("batch", "kv_heads", "length", "head_dim")}
+  return {name: jax.tree.map(lambda c, n=name: logical_sharding(mesh, *names[n], shape=c.shape),
+                             layers) for name, layers in cache.items()}
