@@ -129,6 +129,8 @@ class StepSearchEngine(engine_api.Engine):
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
     self._decode_block_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
                                      static_argnums=(2, 3))
+    self._decode_rows_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
+                                    static_argnums=(2, 3))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
     self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,),
@@ -175,15 +177,23 @@ class StepSearchEngine(engine_api.Engine):
     data = jnp.stack([emit, valid.astype(jnp.int32), gen_len], axis=1)
     return new_state.replace(cache=cache), data, emit_lp, stopped
 
-  def _decode_block_impl(self, params, state: DecodeState, window: int, steps: int):
+  def _decode_block_impl(self, params, state: DecodeState, window: int, steps: int, rows=None):
     """Up to `steps` decode steps in one program, on a window of the first `window` cache slots.
 
     Attention, the cache write and the softmax then cost O(window) instead of O(cache_len), and
     the host pays one dispatch and one small transfer per block instead of per token. The loop
     ends early once no row is active. Outputs are [steps, B]; rows after a stop report valid=0.
+    With `rows` (the few active slots, padded by repeats), only those rows are gathered and
+    decoded (outputs [steps, len(rows)]), so a block's tail of stragglers does not cost a full
+    batch; repeated rows compute and write back identical values.
     """
-    b = self.num_slots
-    win = models.cache_window(state.cache, window)
+    full = state
+    if rows is not None:
+      state = jax.tree_util.tree_map(lambda x: x[rows], state.replace(cache=None))
+      win = models.cache_window(full.cache, window, rows)
+    else:
+      win = models.cache_window(state.cache, window)
+    b = state.tokens.shape[0]
     layers = models.split_layers(self.config, params)   # once per block, not per step
     bufs = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool),
             jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b), bool))
@@ -200,7 +210,9 @@ class StepSearchEngine(engine_api.Engine):
 
     n, st, win, bufs = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
-    cache = models.cache_put_window(state.cache, win)
+    cache = models.cache_put_window(full.cache, win, rows)
+    if rows is not None:
+      st = jax.tree_util.tree_map(lambda f, x: f.at[rows].set(x), full.replace(cache=None), st)
     return st.replace(cache=cache), n, bufs
 
   def _prefill_impl(self, params, tokens, true_length, max_new, temperature, top_p, top_k, key):
@@ -341,14 +353,28 @@ class StepSearchEngine(engine_api.Engine):
     Same per-step semantics as `generate` (emit, stop check, write, sample the next token), but
     the loop runs on device over a window of the cache that covers every active row for `steps`
     more tokens, stops early when no row is active, and the host receives one small transfer:
-    {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran.
+    {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran. When at
+    most half the slots are active, only their rows (padded to a power of two) are decoded.
     """
     pos, active = jax.device_get((decode_state.pos, decode_state.active))
     need = int(pos[active].max()) + steps if active.any() else 1
     window = self.window_for(need)
+    live = np.flatnonzero(active)
+    rows = _pow2_at_least(len(live)) if len(live) else self.num_slots
+    names = ("tokens", "valid", "logprobs", "stopped")
+    if rows * 2 <= self.num_slots:   # few stragglers: decode only their rows
+      sel = np.concatenate([live, np.full(rows - len(live), live[0])]).astype(np.int32)
+      state, n, bufs = self._decode_rows_jit(params, decode_state, window, int(steps),
+                                             jnp.asarray(sel))
+      n, bufs = jax.device_get((n, bufs))
+      out = {}
+      for k, v in zip(names, bufs):
+        wide = np.zeros((int(n), self.num_slots), v.dtype)
+        wide[:, live] = v[:int(n), :len(live)]
+        out[k] = wide
+      return state, out
     state, n, bufs = self._decode_block_jit(params, decode_state, window, int(steps))
     n, bufs = jax.device_get((n, bufs))
-    names = ("tokens", "valid", "logprobs", "stopped")
     return state, {k: v[:int(n)] for k, v in zip(names, bufs)}
 
   def get_prefix_destination_sharding(self) -> Any:
@@ -483,4 +509,5 @@ class StepSearchEngine(engine_api.Engine):
   def compile_counts(self) -> dict[str, int]:
     """How many programs each jitted entry point holds (a swap must not add any)."""
     return {name: getattr(self, f"_{name}_jit")._cache_size()
-            for name in ("generate", "decode_block", "prefill", "insert", "append", "score")}
+            for name in ("generate", "decode_block", "decode_rows", "prefill", "insert", "append",
+                         "score")}
