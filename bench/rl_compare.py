@@ -39,6 +39,13 @@ def train(workdir: str, overrides: list[str], log_path: str) -> dict:
   return out
 
 
+def train_answer_f1(workdir: str) -> list[float]:
+  """Per-step answer F1 of the sampled training trajectories (how fast each method learns)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r["reward/answer_f1"] for r in rows if "reward/answer_f1" in r]
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--seeds", default="0,1,2")
@@ -49,6 +56,8 @@ def main() -> None:
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
   p.add_argument("--base", default="", help="a finished demo workdir (e.g. runs/demo) whose "
                  "world, tokenizer, index, warm start and before-RL evaluation are reused")
+  p.add_argument("--reuse", action="store_true",
+                 help="keep finished runs (OUT/rl_compare/ALGO_seedN/results.json), train the rest")
   args = p.parse_args()
   root = os.path.join(args.out, "rl_compare")
   base = args.base or os.path.join(root, "base")
@@ -70,18 +79,28 @@ def main() -> None:
   for algo in args.algos.split(","):
     for seed in [int(s) for s in args.seeds.split(",")]:
       wd = os.path.join(root, f"{algo}_seed{seed}")
-      if os.path.exists(wd):
-        shutil.rmtree(wd)
-      os.makedirs(wd)
-      for name in SHARED:
-        shutil.copytree(os.path.join(base, name), os.path.join(wd, name))
       n = args.grpo_n if algo == "grpo" else 1
       over = common + [f"--config.algo.name={algo}", f"--config.seed={seed}",
                        f"--config.rollout.n={n}", f"--config.data.batch_size={args.batch // n}"]
-      print(f"== {algo} seed {seed}", flush=True)
-      res = train(wd, over, os.path.join(root, f"{algo}_seed{seed}.log"))
+      done = os.path.join(wd, "results.json")
+      if args.reuse and os.path.exists(done):
+        print(f"== {algo} seed {seed}: reusing {done}", flush=True)
+        with open(done) as f:
+          res = json.load(f)
+        res["wall_s"] = res.get("timings", {}).get("total_s")
+      else:
+        if os.path.exists(wd):
+          shutil.rmtree(wd)
+        os.makedirs(wd)
+        for name in SHARED:
+          shutil.copytree(os.path.join(base, name), os.path.join(wd, name))
+        print(f"== {algo} seed {seed}", flush=True)
+        res = train(wd, over, os.path.join(root, f"{algo}_seed{seed}.log"))
+      train_f1 = train_answer_f1(wd)
       runs.append({"algo": algo, "seed": seed, "em": res["em_after"], "f1": res["f1_after"],
-                   "searches": res.get("searches_after"), "wall_s": res["wall_s"]})
+                   "searches": res.get("searches_after"), "wall_s": res["wall_s"],
+                   "train_answer_f1_mean": float(np.mean(train_f1)),
+                   "train_answer_f1_last4": float(np.mean(train_f1[-4:]))})
       print(json.dumps(runs[-1]), flush=True)
   table = []
   for algo in args.algos.split(","):
@@ -90,17 +109,22 @@ def main() -> None:
     table.append({"algo": algo, "seeds": len(rs), "em_mean": float(em.mean()),
                   "em_std": float(em.std()), "f1_mean": float(f1.mean()),
                   "f1_std": float(f1.std()),
-                  "searches": float(np.mean([r["searches"] or 0 for r in rs]))})
+                  "searches": float(np.mean([r["searches"] or 0 for r in rs])),
+                  "train_f1_mean": float(np.mean([r["train_answer_f1_mean"] for r in rs])),
+                  "train_f1_std": float(np.std([r["train_answer_f1_mean"] for r in rs]))})
   out = {"warm_start": {"em": base_res.get("em_before"), "f1": base_res.get("f1_before")},
          "base": os.path.relpath(base, ROOT), "command": " ".join(sys.argv), "steps": args.steps, "trajectories_per_step": args.batch, "runs": runs, "table": table}
   with open(os.path.join(args.out, "rl_compare.json"), "w") as f:
     json.dump(out, f, indent=2)
-  lines = ["| method | held-out EM (mean ± std) | held-out F1 (mean ± std) | searches/q |",
-           "|---|---|---|---|",
-           f"| warm start (no RL) | {out['warm_start']['em']:.3f} | {out['warm_start']['f1']:.3f} | |"]
+  lines = ["| method | held-out EM (mean ± std) | held-out F1 (mean ± std) | searches/q | "
+           "train answer F1, mean over steps |",
+           "|---|---|---|---|---|",
+           f"| warm start (no RL) | {out['warm_start']['em']:.3f} | {out['warm_start']['f1']:.3f} | "
+           "| |"]
   for r in table:
     lines.append(f"| {r['algo']} ({r['seeds']} seeds) | {r['em_mean']:.3f} ± {r['em_std']:.3f} | "
-                 f"{r['f1_mean']:.3f} ± {r['f1_std']:.3f} | {r['searches']:.2f} |")
+                 f"{r['f1_mean']:.3f} ± {r['f1_std']:.3f} | {r['searches']:.2f} | "
+                 f"{r['train_f1_mean']:.3f} ± {r['train_f1_std']:.3f} |")
   md = "\n".join(lines)
   with open(os.path.join(args.out, "rl_compare.md"), "w") as f:
     f.write(md + "\n")
