@@ -354,18 +354,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-def exit_with_parent(parent_pid: int) -> None:
-  """SIGTERM this process when `parent_pid` dies, even by SIGKILL, so no orphan server keeps a port
-  and a GiB of index after a killed training job (Linux prctl(PR_SET_PDEATHSIG); elsewhere a no-op).
-  Called by the server itself rather than in a preexec_fn: forking a multithreaded JAX process to
-  run Python before exec can deadlock."""
-  if not sys.platform.startswith("linux"):
-    return
-  import ctypes
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+  """SIGTERM this process once `parent_pid` is gone, even after a SIGKILL, so no orphan server keeps
+  a port and a GiB of index after a killed training job. A watchdog thread polls the parent pid:
+  prctl(PR_SET_PDEATHSIG) would fire when the *thread* that started us exits (a restart from a
+  helper thread would kill its own server), and a fork-time preexec_fn is unsafe under JAX."""
   import signal
-  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
-  if os.getppid() != parent_pid:                                 # the parent died before prctl
-    sys.exit(f"retrieval server: parent process {parent_pid} is gone")
+  import threading
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)     # uvicorn shuts down cleanly; before it, the default
+                                             # handler ends the process
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBACK,
@@ -374,8 +376,7 @@ def start_subprocess(index_dir: str, port: int | None = None, host: str = LOOPBA
                      ) -> tuple[subprocess.Popen, str]:
   """Start `python -m retrieval.server` and wait until /health answers; returns (proc, url).
 
-  Stop it with proc.terminate(); it also exits when this process dies (call this from a thread
-  that lives as long as the server should: Linux ties the signal to the creating thread). The
+  Stop it with proc.terminate(); it also exits within a second or two when this process dies. The
   server's output goes to `proc.log_path`, whose tail is put into the error if the server dies or
   does not come up within `timeout_s`.
   """

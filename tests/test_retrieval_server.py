@@ -188,7 +188,7 @@ def test_bm25_backend_same_api_with_token(world, tmp_path):
     proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self"), reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.skipif(not os.path.exists("/proc/self"), reason="reads /proc/PID/stat")
 def test_server_subprocess_dies_with_a_killed_parent(world, tmp_path):
   """A SIGKILLed trainer must not leave its retrieval server running (port and index held)."""
   import signal
