@@ -21,7 +21,6 @@ ALGORITHMS = ("steppo", "ppo", "grpo")
 REWARD_PRESETS = ("paper", "released")
 DRIVERS = ("native", "jetstream")
 TEMPLATES = ("think", "plan", "brief")
-SFT_FLAWS = ("repeat", "skip", "vague", "early")   # data.synthetic.FLAWS (no import: config stays light)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -176,9 +175,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.algo.name == "grpo" and cfg.rollout.n < 2:
     raise ValueError(f"config.rollout.n={cfg.rollout.n}: algo.name='grpo' needs >= 2 samples per "
                      "prompt")
-  flaws = [f.strip() for f in cfg.sft.flaws.split(",") if f.strip()]
-  if not flaws or set(flaws) - set(SFT_FLAWS):
-    raise ValueError(f"config.sft.flaws={cfg.sft.flaws!r}: a comma list drawn from {list(SFT_FLAWS)}")
+  from stepsearch_jax.data.synthetic import parse_flaws   # no jax: config stays light
+  try:
+    parse_flaws(cfg.sft.flaws)
+  except ValueError as e:
+    raise ValueError(f"config.sft.flaws: {e}") from None
   if not (0.0 <= cfg.algo.clip_ratio < 1.0):
     raise ValueError(f"config.algo.clip_ratio={cfg.algo.clip_ratio} must be in [0, 1)")
   if not cfg.model.hf_path and cfg.model.init.vocab_size < 0:

@@ -161,7 +161,7 @@ def demonstration_examples(cfg, ws: Workspace) -> list[tuple[list[int], list[int
   from stepsearch_jax.rollout import loop
   tok, rng = ws.tokenizer, random.Random(cfg.sft.seed)
   records = ws.train_records[:cfg.sft.num_examples]
-  flaws = [f.strip() for f in cfg.sft.flaws.split(",") if f.strip()]
+  flaws = synthetic.parse_flaws(cfg.sft.flaws)
   demos = [synthetic.demonstration(r, ws.world, quality=cfg.sft.quality, rng=rng, flaws=flaws)
            for r in records]
   queries = sorted({t["query"] for d in demos for t in d if t["kind"] == "search"})

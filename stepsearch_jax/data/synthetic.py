@@ -333,6 +333,16 @@ def world_from_config(syn_cfg, out_dir: str, template: str = "think") -> dict:
 FLAWS = ("repeat", "skip", "vague", "early")
 
 
+def parse_flaws(flaws: str | Sequence[str]) -> list[str]:
+  """`config.sft.flaws` ("early,skip") or a sequence as a checked list of FLAWS."""
+  names = [f.strip() for f in flaws.split(",")] if isinstance(flaws, str) else list(flaws)
+  names = [f for f in names if f]
+  unknown = sorted(set(names) - set(FLAWS))
+  if unknown or not names:
+    raise ValueError(f"demonstration flaws {flaws!r}: a non-empty list drawn from {list(FLAWS)}")
+  return names
+
+
 def demonstration(record: Record, world: World, quality: float = 1.0,
                   rng: random.Random | None = None, flaws: Sequence[str] = FLAWS) -> list[dict]:
   """The search sequence for `record` as alternating model turns and searches (`think` format).
@@ -348,9 +358,7 @@ def demonstration(record: Record, world: World, quality: float = 1.0,
   which of the four are drawn; an ``early`` flaw on the first hop is no flaw (nothing to answer yet).
   """
   rng = rng or random.Random(0)
-  unknown = sorted(set(flaws) - set(FLAWS))
-  if unknown or not flaws:
-    raise ValueError(f"demonstration flaws {list(flaws)}: each must be one of {list(FLAWS)}")
+  flaws = parse_flaws(flaws)
   hops = record.extra.get("hops")
   if not hops:
     raise ValueError(f"record {record.id} has no extra['hops'] (not a synthetic-world record)")
@@ -361,7 +369,7 @@ def demonstration(record: Record, world: World, quality: float = 1.0,
   thought = f"I need {plan}. First: {_noun_phrase(rels[0], current)}."
   for i, rel in enumerate(rels):
     noun, obj_type = RELATIONS[rel][2], RELATIONS[rel][1]
-    flaw = rng.choice(list(flaws)) if rng.random() > quality else None
+    flaw = rng.choice(flaws) if rng.random() > quality else None
     if flaw == "early" and i > 0:
       turns.append({"kind": "model", "text": f"<think> {thought} </think>\n<answer> {current} </answer>"})
       return turns
