@@ -74,16 +74,14 @@ def load_policy(path: str, dtype: str | None = None):
   """(ModelConfig, params, tokenizer) from an HF folder or a training workdir's latest checkpoint."""
   from stepsearch_jax.data import wordlevel
   if os.path.exists(os.path.join(path, "checkpoints")):
-    import orbax.checkpoint as ocp
+    from stepsearch_jax.ppo import Checkpointer
     cfg_hf = json.load(open(os.path.join(path, "model_config.json")))
     config = models.ModelConfig.from_hf(cfg_hf, **({"dtype": dtype} if dtype else {}))
-    # orbax needs an absolute path; `--checkpoint runs/demo` is how people type it
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")),
-                                 item_names=("state", "meta"))
-    step = mngr.latest_step()
-    if step is None:
+    restored = Checkpointer(os.path.join(path, "checkpoints"), async_save=False).restore_as_saved()
+    if restored is None:
       raise FileNotFoundError(f"--checkpoint {path}: no checkpoint under {path}/checkpoints")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state, meta = restored
+    step = int(meta["step"])
     params = jax.tree.map(np.asarray, state["policy"])
     tok_dir = os.path.join(path, "tokenizer")
     logging.info("policy from %s/checkpoints step %d", path, step)

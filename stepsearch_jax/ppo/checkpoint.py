@@ -132,6 +132,16 @@ class Checkpointer:
       state = {k: state[k] for k in target}  # the target's key order
     return state, meta
 
+  def restore_as_saved(self, step: int | None = None) -> tuple[dict, dict] | None:
+    """(state, meta) from `step` (default latest) without a target: host arrays as they were
+    saved, for readers that need no shardings or optimizer structure (evaluation, export)."""
+    self._mngr.wait_until_finished()
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return dict(out["state"]), self.read_meta(step)
+
   def wait(self) -> None:
     """Block until pending async saves are committed (raises if one failed)."""
     self._mngr.wait_until_finished()
