@@ -127,10 +127,9 @@ class StepSearchEngine(engine_api.Engine):
     self._has_stops = bool(self.stop_ids)
     self._request_counter = 0
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+    # `rows=None` (every slot) and a rows array are two programs of the same jit
     self._decode_block_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
                                      static_argnums=(2, 3))
-    self._decode_rows_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
-                                    static_argnums=(2, 3))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
     self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,),
@@ -250,17 +249,13 @@ class StepSearchEngine(engine_api.Engine):
     # gathered and scattered back. Dense (when the padded rows would be every slot anyway):
     # `tokens`/`start`/`lengths` are per slot, slots not appended to start at `window` (their
     # writes are dropped), and the window is sliced in place: no gather or scatter of the cache.
+    gather = None if dense else rows
+    sub = models.cache_window(state.cache, window, gather)
+    logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
+                                        last_index=lengths - 1)
+    cache = models.cache_put_window(state.cache, sub, gather)
     if dense:
-      sub = models.cache_window(state.cache, window)
-      logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
-                                          last_index=lengths - 1)
-      cache = models.cache_put_window(state.cache, sub)
       logits, start, lengths = logits[rows], start[rows], lengths[rows]
-    else:
-      sub = models.cache_window(state.cache, window, rows)
-      logits, sub = models.forward_cached(self.config, params, tokens, sub, start, last_only=True,
-                                          last_index=lengths - 1)
-      cache = models.cache_put_window(state.cache, sub, rows)
     end = start + lengths
     tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
     return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)
@@ -338,6 +333,14 @@ class StepSearchEngine(engine_api.Engine):
                                      length_idx=(2, 3), samples_per_slot=1)
     return state, result, (logprobs, stopped)
 
+  def append_shape(self, lengths: Sequence[int], buckets: Sequence[int] = ()) -> tuple[int, int]:
+    """(rows, token width) that `append` pads rows of these lengths to: rows to a power of two
+    (few programs, little idle compute), tokens to the smallest bucket that fits, else a power of
+    two >= 16. Drivers use it to price a batching plan."""
+    longest = max(lengths)
+    width = next((b for b in sorted(buckets) if b >= longest), _pow2_at_least(max(longest, 16)))
+    return min(_pow2_at_least(len(lengths)), self.num_slots), width
+
   def window_for(self, need: int) -> int:
     """The cache window (a multiple of 128, or cache_len) that holds `need` slots.
 
@@ -364,8 +367,8 @@ class StepSearchEngine(engine_api.Engine):
     names = ("tokens", "valid", "logprobs", "stopped")
     if rows * 2 <= self.num_slots:   # few stragglers: decode only their rows
       sel = np.concatenate([live, np.full(rows - len(live), live[0])]).astype(np.int32)
-      state, n, bufs = self._decode_rows_jit(params, decode_state, window, int(steps),
-                                             jnp.asarray(sel))
+      state, n, bufs = self._decode_block_jit(params, decode_state, window, int(steps),
+                                              jnp.asarray(sel))
       n, bufs = jax.device_get((n, bufs))
       out = {}
       for k, v in zip(names, bufs):
@@ -452,17 +455,14 @@ class StepSearchEngine(engine_api.Engine):
     lengths = [len(t) for t in tokens]
     if min(lengths) <= 0:
       raise ValueError("append: every row needs at least one token")
-    longest = max(lengths)
-    width = next((b for b in sorted(buckets) if b >= longest), _pow2_at_least(max(longest, 16)))
+    rows, width = self.append_shape(lengths, buckets)
     for s, st, ln in zip(slots, starts, lengths):
       if not 0 <= s < self.num_slots:
         raise ValueError(f"append: slot {s} outside 0..{self.num_slots - 1}")
       if st + width > self.cache_len:
         raise ValueError(f"append: slot {s} start {st} + bucket {width} (for {ln} tokens) exceeds "
                          f"cache_len={self.cache_len}; re-prefill a truncated context instead")
-    # Rows are padded to a power of two (few programs, little idle compute); the cache window to
-    # the smallest window bucket holding every row's writes.
-    rows = min(_pow2_at_least(n), self.num_slots)
+    # The cache window: the smallest window bucket holding every row's writes.
     window = self.window_for(max(starts) + width)
     pad = [0] * (rows - n)
     tok = np.zeros((rows, width), np.int32)
@@ -509,5 +509,4 @@ class StepSearchEngine(engine_api.Engine):
   def compile_counts(self) -> dict[str, int]:
     """How many programs each jitted entry point holds (a swap must not add any)."""
     return {name: getattr(self, f"_{name}_jit")._cache_size()
-            for name in ("generate", "decode_block", "decode_rows", "prefill", "insert", "append",
-                         "score")}
+            for name in ("generate", "decode_block", "prefill", "insert", "append", "score")}

@@ -54,22 +54,21 @@ def _timed_search(retriever: Any, queries: list[str], topk: int):
   return out, time.perf_counter() - t0
 
 
-def _plan_appends(lengths: Sequence[int], buckets: Sequence[int]) -> list[list[int]]:
+def _plan_appends(lengths: Sequence[int], shape) -> list[list[int]]:
   """Split append rows into calls: one batched call unless per-width calls pad far less.
 
-  The cost of a call is ~ rows (padded to a power of two) x token bucket; most flushes are a
-  handful of observations of similar length, which go in together.
+  `shape(lengths)` is the engine's padded (rows, width) of one call (`engine.append_shape`); a
+  call costs ~ rows x width. Most flushes are a handful of observations of similar length,
+  which go in together.
   """
-  def width(n: int) -> int:
-    return next((b for b in sorted(buckets) if b >= n), max(16, 1 << (n - 1).bit_length()))
-
   def cost(idx: list[int]) -> int:
-    return (1 << (len(idx) - 1).bit_length()) * width(max(lengths[i] for i in idx))
+    rows, width = shape([lengths[i] for i in idx])
+    return rows * width
 
   everything = list(range(len(lengths)))
   groups: dict[int, list[int]] = collections.defaultdict(list)
   for i, n in enumerate(lengths):
-    groups[width(n)].append(i)
+    groups[shape([n])[1]].append(i)
   split = list(groups.values())
   overhead = 64                       # per-call dispatch + cache window copy, in padded tokens
   if sum(cost(g) + overhead for g in split) < cost(everything) + overhead:
@@ -114,7 +113,8 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
             for st, t in zip(starts, toks)]
     # Prompts (at 0) and tool results (at each slot's length) of all slots go in together.
-    for idx in _plan_appends([len(t) for t in toks], buckets):
+    for idx in _plan_appends([len(t) for t in toks],
+                             lambda ls: engine.append_shape(ls, buckets)):
       state = engine.append(state, [slots[i] for i in idx], [toks[i] for i in idx],
                             [starts[i] for i in idx], params=params,
                             max_new=[caps[i] for i in idx], sampling=sampling,
