@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from stepsearch_jax import metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = ("world", "tokenizer", "index", "warmstart")
 
@@ -41,8 +43,7 @@ def train(workdir: str, overrides: list[str], log_path: str) -> dict:
 
 def train_answer_f1(workdir: str) -> list[float]:
   """Per-step answer F1 of the sampled training trajectories (how fast each method learns)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return [r["reward/answer_f1"] for r in rows if "reward/answer_f1" in r]
 
 
