@@ -6,8 +6,10 @@ One run builds the synthetic world, its BM25 index behind the real retrieval ser
 word-level policy warm-started to search (stepsearch_jax.rollout.toy). Then, for each batch size,
 the same greedy 5-turn search rollout (max_turns=5, then the final answer turn) is run by
   native:    our continuous-batching driver (slots kept across turns, appended tokens prefilled
-             in one batched call, `--decode_steps` generate steps per device call on a window of
-             the KV cache, batched retrieval overlapped with decoding);
+             in one batched call, the prompts' common prefix prefilled once and copied,
+             `--decode_steps`..`--max_decode_steps` generate steps per device call on a window
+             of the KV cache, batched retrieval overlapped with decoding), and the same driver
+             with prefix sharing off (`native_unshared_prefix`, an ablation);
   jetstream: JetStream's orchestrator, one request per turn re-prefilling the history (logprob
              rescoring off, so only generation is compared);
   torch:     transformers `generate` on the same weights, turn by turn, the batch left-padded,
@@ -34,6 +36,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stepsearch_jax import models  # noqa: E402
+from stepsearch_jax.config import base_config  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
 from stepsearch_jax.rollout import loop, toy  # noqa: E402
 from stepsearch_jax.rollout.driver import rollout  # noqa: E402
@@ -86,8 +89,11 @@ def main() -> None:
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--workdir", default="", help="reuse the world and trained policy kept here")
-  p.add_argument("--decode_steps", type=int, default=16,
+  defaults = base_config().rollout
+  p.add_argument("--decode_steps", type=int, default=defaults.decode_steps_per_call,
                  help="native driver: generate steps per device call (rollout.decode_steps_per_call)")
+  p.add_argument("--max_decode_steps", type=int, default=defaults.max_decode_steps_per_call,
+                 help="native driver: rollout.max_decode_steps_per_call")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
   load_start = os.getloadavg()[0]   # the CPU may be shared: ratios are side by side, not absolutes
@@ -114,8 +120,9 @@ def main() -> None:
     rcfg = ml_collections.ConfigDict(dict(
         driver="native", max_turns=5, max_tokens_per_turn=64, max_obs_tokens=800,
         max_context=1024, max_start=2048, temperature=1.0, top_p=1.0, top_k=-1, n=1,
-        num_slots=32, prefill_buckets=(64, 128, 256, 512, 1024),
-        decode_steps_per_call=args.decode_steps))
+        num_slots=32, prefill_buckets=tuple(b for b in defaults.prefill_buckets if b <= 1024),
+        decode_steps_per_call=args.decode_steps, max_decode_steps_per_call=args.max_decode_steps,
+        share_prefix=True))
     lcfg = loop.LoopConfig.from_config(rcfg, topk=3)
     results = []
     for b in batches:
@@ -123,12 +130,15 @@ def main() -> None:
       engine = StepSearchEngine(config, params, tok, num_slots=b, cache_len=1024 + 65,
                                 max_prefill_length=1024, default_sampling=SamplingParams.greedy())
       row = {"batch": b}
-      for name in ("native", "jetstream"):
-        rollout(engine, records, rcfg, retriever, jax.random.PRNGKey(0), greedy=True,
-                driver=name, score_logprobs=False)                          # warm-up
+      unshared = ml_collections.ConfigDict(rcfg.to_dict())
+      unshared.share_prefix = False
+      for name, driver, cfg in (("native", "native", rcfg), ("jetstream", "jetstream", rcfg),
+                                ("native_unshared_prefix", "native", unshared)):
+        rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True,
+                driver=driver, score_logprobs=False)                        # warm-up
         before = engine.compile_counts()
-        out = rollout(engine, records, rcfg, retriever, jax.random.PRNGKey(0), greedy=True,
-                      driver=name, score_logprobs=False)
+        out = rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True,
+                      driver=driver, score_logprobs=False)
         compiles = sum(engine.compile_counts().values()) - sum(before.values())
         s = out.stats
         row[name] = {"tokens_per_s": model_tokens(out) / s["total_s"], "wall_s": s["total_s"],
@@ -138,7 +148,8 @@ def main() -> None:
                      "retrieval_s": s.get("retrieval_s", 0.0), "prefill_tokens":
                      int(s.get("prefill_tokens", 0)), "decode_steps": int(s.get("steps", 0)),
                      "compiles_during_timed_run": compiles}
-        if name == "native":   # phase profile of the native loop (seconds / calls)
+        if driver == "native":   # phase profile of the native loop (seconds / calls)
+          row[name]["shared_prefix_tokens"] = int(s.get("shared_prefix_tokens", 0))
           row[name]["phases"] = {k: s[k] for k in (
               "decode_call_s", "decode_calls", "prefill_s", "prefill_calls", "host_s",
               "retrieval_wait_s") if k in s}
@@ -153,11 +164,14 @@ def main() -> None:
         by_threads[threads] = {"tokens_per_s": model_tokens(trajs) / wall, "wall_s": wall,
                                "model_tokens": model_tokens(trajs), "threads": threads,
                                "searches": int(sum(len(t.search_end_indices) for t in trajs))}
+        torch_responses = [t.response_ids for t in trajs]
       row["torch"] = max(by_threads.values(), key=lambda r: r["tokens_per_s"])
       row["torch_tokens_per_s_by_threads"] = {str(t): r["tokens_per_s"]
                                               for t, r in by_threads.items()}
-      row["native_equals_jetstream"] = row.pop("native_responses") == row.pop(
-          "jetstream_responses")
+      native = row.pop("native_responses")
+      row["native_equals_jetstream"] = native == row.pop("jetstream_responses")
+      row["native_equals_unshared_prefix"] = native == row.pop("native_unshared_prefix_responses")
+      row["native_equals_torch"] = native == torch_responses
       row["native_over_jetstream"] = row["native"]["tokens_per_s"] / row["jetstream"]["tokens_per_s"]
       row["native_over_torch"] = row["native"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
       results.append(row)
@@ -165,7 +179,8 @@ def main() -> None:
     report = {"benchmark": "rollout", "device": str(jax.devices()[0]), "model_params": n_params,
               "model": {"hidden": args.hidden, "layers": args.layers, "vocab": len(tok)},
               "rollout": {k: rcfg[k] for k in ("max_turns", "max_tokens_per_turn", "max_context",
-                                               "decode_steps_per_call")},
+                                               "decode_steps_per_call",
+                                               "max_decode_steps_per_call", "prefill_buckets")},
               "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
               "results": results,
               "targets": {"native_over_jetstream_at_32": ">= 2", "native_over_torch_at_32": ">= 3"}}

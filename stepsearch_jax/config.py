@@ -99,8 +99,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = -1
   c.rollout.n = 1                   # samples per prompt (grpo needs > 1)
   c.rollout.num_slots = 128         # decode batch of the engine
-  c.rollout.decode_steps_per_call = 16  # native driver: decode steps per device call (stops on device)
-  c.rollout.prefill_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+  # native driver, per device call: at least decode_steps_per_call steps (the cache window is sized
+  # for them), and up to max_decode_steps_per_call while that window still has room (stops on device)
+  c.rollout.decode_steps_per_call = 8
+  c.rollout.max_decode_steps_per_call = 64
+  c.rollout.share_prefix = True     # native driver: prompts prefilled together share their common prefix
+  c.rollout.prefill_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.preset = "paper"

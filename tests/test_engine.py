@@ -107,6 +107,29 @@ def test_append_into_live_slot_equals_single_prefill(setup, tok):
   assert outs[0] and outs[1] == outs[0]
 
 
+def test_copy_prefix_then_suffix_equals_whole_prompts(setup, tok):
+  """Prefix sharing: prefill a common prefix once into slot 2, copy it into slots 0 and 3, append
+  each prompt's suffix; tokens and logprobs equal prefilling every whole prompt."""
+  _, engine = setup
+  common = tok.encode(PROMPTS[2], add_special_tokens=False)
+  tails = [tok.encode(p, add_special_tokens=False) for p in (PROMPTS[0], PROMPTS[3], PROMPTS[4])]
+  rows, slots = [common + t for t in tails], [0, 2, 3]
+  state = engine.init_decode_state()
+  state = engine.append(state, [1], [common[:2]], [0], max_new=12)       # slot 1 decodes meanwhile
+  whole = engine.append(engine.init_decode_state(), slots, rows, [0] * 3, max_new=8)
+  whole, want, want_lp = _drain(engine, whole, 10)
+  state = engine.append(state, [2], [common], [0], max_new=8)
+  state = engine.copy_prefix(state, 2, [0, 3], len(common))
+  state = engine.append(state, slots, tails, [len(common)] * 3, max_new=8)
+  state, got, got_lp = _drain(engine, state, 10)
+  assert [got[s] for s in slots] == [want[s] for s in slots] and all(got[s] for s in slots)
+  np.testing.assert_allclose(sum((got_lp[s] for s in slots), []),
+                             sum((want_lp[s] for s in slots), []), atol=1e-5)
+  assert got[1]                                          # the decoding slot was left alone
+  with pytest.raises(ValueError, match="slot 7"):
+    engine.copy_prefix(state, 7, [0], 3)
+
+
 def test_stop_sequence_and_cap(setup, tok):
   hf, engine = setup
   for prompt in PROMPTS:   # a prompt whose greedy output has a new token after position 0

@@ -134,7 +134,8 @@ def test_native_sampled_trajectories_do_not_depend_on_the_block_size(world, serv
   token (checked against a scoring pass) and the policy version."""
   retriever = RetrieverClient(server, topk=3)
   records = world["test_records"][:6]
-  runs = [rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=k),
+  runs = [rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=k,
+                                                max_decode_steps_per_call=k),
                   retriever, jax.random.PRNGKey(1), policy_version=3) for k in (16, 1)]
   assert [t.response_ids for t in runs[0]] == [t.response_ids for t in runs[1]]
   assert runs[0].stats["steps"] >= runs[1].stats["steps"] / 4
@@ -146,3 +147,23 @@ def test_native_sampled_trajectories_do_not_depend_on_the_block_size(world, serv
     model = [i for i, m in enumerate(a.loss_mask) if m]
     assert model and max(abs(a.logprobs[i] - scored[i]) for i in model) < 1e-3
     assert all(a.logprobs[i] == 0.0 for i, m in enumerate(a.loss_mask) if not m)
+
+
+def test_prefix_sharing_and_window_filling_blocks_change_nothing(world, server, engine):
+  """The native driver's shortcuts do not change trajectories: prompts sharing their template
+  prefix (prefilled once, copied) and blocks that run on while the cache window has room give
+  the same sampled tokens and logprobs as whole-prompt prefills and fixed 4-step blocks."""
+  retriever = RetrieverClient(server, topk=3)
+  records = world["test_records"][:6]
+  fast = rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=4,
+                                               max_decode_steps_per_call=64),
+                 retriever, jax.random.PRNGKey(2))
+  plain = rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=4,
+                                                max_decode_steps_per_call=4, share_prefix=False),
+                  retriever, jax.random.PRNGKey(2))
+  assert [t.response_ids for t in fast] == [t.response_ids for t in plain]
+  for a, b in zip(fast, plain):
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+  assert fast.stats["shared_prefix_tokens"] > 0 and "shared_prefix_tokens" not in plain.stats
+  assert fast.stats["prefill_tokens"] < plain.stats["prefill_tokens"]
+  assert fast.stats["decode_calls"] < plain.stats["decode_calls"]

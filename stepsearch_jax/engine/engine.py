@@ -129,12 +129,14 @@ class StepSearchEngine(engine_api.Engine):
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
     # `rows=None` (every slot) and a rows array are two programs of the same jit
     self._decode_block_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
-                                     static_argnums=(2, 3))
+                                     static_argnums=(3, 4))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
     self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,),
                                static_argnums=(11, 12))
     self._score_jit = jax.jit(self._score_impl)
+    self._copy_prefix_jit = jax.jit(self._copy_prefix_impl, donate_argnums=(0,),
+                                    static_argnums=(3,))
     self._init_jit = None
 
   # ----------------------------------------------------------------------------- device functions
@@ -176,8 +178,10 @@ class StepSearchEngine(engine_api.Engine):
     data = jnp.stack([emit, valid.astype(jnp.int32), gen_len], axis=1)
     return new_state.replace(cache=cache), data, emit_lp, stopped
 
-  def _decode_block_impl(self, params, state: DecodeState, window: int, steps: int, rows=None):
-    """Up to `steps` decode steps in one program, on a window of the first `window` cache slots.
+  def _decode_block_impl(self, params, state: DecodeState, n_steps, window: int, steps: int,
+                         rows=None):
+    """Up to `n_steps` (traced, <= `steps`, the static buffer length) decode steps in one program,
+    on a window of the first `window` cache slots.
 
     Attention, the cache write and the softmax then cost O(window) instead of O(cache_len), and
     the host pays one dispatch and one small transfer per block instead of per token. The loop
@@ -199,7 +203,7 @@ class StepSearchEngine(engine_api.Engine):
 
     def cond(carry):
       i, st, _, _ = carry
-      return (i < steps) & jnp.any(st.active)
+      return (i < n_steps) & jnp.any(st.active)
 
     def body(carry):
       i, st, win, bufs = carry
@@ -259,6 +263,12 @@ class StepSearchEngine(engine_api.Engine):
     end = start + lengths
     tok, lp = sampling_lib.sample(logits, keys, end, temperature, top_p, top_k)
     return self._set_rows(state, cache, rows, tok, lp, end, max_new, temperature, top_p, top_k, keys)
+
+  def _copy_prefix_impl(self, state: DecodeState, src, dsts, window: int):
+    # Gather the source row's window once per destination (padded rows repeat dsts[0], which
+    # writes identical values) and scatter it into the destination rows, in place.
+    win = models.cache_window(state.cache, window, jnp.broadcast_to(src, dsts.shape))
+    return state.replace(cache=models.cache_put_window(state.cache, win, dsts))
 
   def _score_impl(self, params, tokens):
     cache = models.init_cache(self.config, 1, tokens.shape[1])
@@ -349,25 +359,29 @@ class StepSearchEngine(engine_api.Engine):
     """
     return min(self.cache_len, -(-max(int(need), 1) // 128) * 128)
 
-  def decode_block(self, params: Any, decode_state: DecodeState, steps: int = 8
-                   ) -> tuple[DecodeState, dict[str, np.ndarray]]:
-    """Up to `steps` `generate` steps in one device call (RL drivers; not part of JetStream's API).
+  def decode_block(self, params: Any, decode_state: DecodeState, steps: int = 8,
+                   max_steps: int | None = None) -> tuple[DecodeState, dict[str, np.ndarray]]:
+    """`generate` steps in one device call (RL drivers; not part of JetStream's API).
 
     Same per-step semantics as `generate` (emit, stop check, write, sample the next token), but
-    the loop runs on device over a window of the cache that covers every active row for `steps`
-    more tokens, stops early when no row is active, and the host receives one small transfer:
+    the loop runs on device over a window of the cache (a multiple of 128 slots) that covers every
+    active row for `steps` more tokens, keeps going while the window still has room for every
+    row, up to `max_steps` (default `steps`; one program per value), stops early when no row is
+    active, and the host receives one small transfer:
     {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran. When at
     most half the slots are active, only their rows (padded to a power of two) are decoded.
     """
     pos, active = jax.device_get((decode_state.pos, decode_state.active))
-    need = int(pos[active].max()) + steps if active.any() else 1
-    window = self.window_for(need)
+    top = int(pos[active].max()) if active.any() else 0
+    window = self.window_for(top + steps)
+    max_steps = max(steps, max_steps or steps)
+    n_steps = jnp.asarray(max(1, min(max_steps, window - top)), jnp.int32)
     live = np.flatnonzero(active)
     rows = _pow2_at_least(len(live)) if len(live) else self.num_slots
     names = ("tokens", "valid", "logprobs", "stopped")
     if rows * 2 <= self.num_slots:   # few stragglers: decode only their rows
       sel = np.concatenate([live, np.full(rows - len(live), live[0])]).astype(np.int32)
-      state, n, bufs = self._decode_block_jit(params, decode_state, window, int(steps),
+      state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps,
                                               jnp.asarray(sel))
       n, bufs = jax.device_get((n, bufs))
       out = {}
@@ -376,7 +390,7 @@ class StepSearchEngine(engine_api.Engine):
         wide[:, live] = v[:int(n), :len(live)]
         out[k] = wide
       return state, out
-    state, n, bufs = self._decode_block_jit(params, decode_state, window, int(steps))
+    state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps)
     n, bufs = jax.device_get((n, bufs))
     return state, {k: v[:int(n)] for k, v in zip(names, bufs)}
 
@@ -497,6 +511,30 @@ class StepSearchEngine(engine_api.Engine):
         jnp.asarray(np.stack([np.asarray(k, np.uint32) for k in keys]
                              + [np.asarray(keys[0], np.uint32)] * len(pad))), window, dense)
 
+  def copy_prefix(self, decode_state: DecodeState, src: int, dsts: Sequence[int],
+                  length: int) -> DecodeState:
+    """Copy slot `src`'s first `length` cache slots into slots `dsts` (prefix sharing).
+
+    Prompts that share a long prefix (the instruction template every RL prompt starts with)
+    then prefill it once: `append` the prefix into one slot, copy it, and `append` each
+    prompt's own suffix at position `length`. The copy moves memory only (no model compute);
+    the destination slots keep their other state until that `append` sets it, so they should
+    not be decoding. Keys/values depend only on the tokens before them, so the result equals
+    prefilling each whole prompt (up to float rounding of a batch-1 vs a batched matmul).
+    """
+    dsts = [int(d) for d in dsts]
+    if not dsts:
+      return decode_state
+    if not 0 < length <= self.cache_len:
+      raise ValueError(f"copy_prefix: length={length} outside 1..{self.cache_len}")
+    for s in [src] + dsts:
+      if not 0 <= s < self.num_slots:
+        raise ValueError(f"copy_prefix: slot {s} outside 0..{self.num_slots - 1}")
+    rows = min(_pow2_at_least(len(dsts)), self.num_slots)
+    dst = np.asarray(dsts + [dsts[0]] * (rows - len(dsts)), np.int32)
+    return self._copy_prefix_jit(decode_state, jnp.asarray(src, jnp.int32), jnp.asarray(dst),
+                                 self.window_for(length))
+
   def score(self, token_ids: Sequence[int], params: Any = None) -> np.ndarray:
     """log p(token_ids[t] | token_ids[:t]) for t >= 1 under the engine's weights (one forward)."""
     n = len(token_ids)
@@ -509,4 +547,5 @@ class StepSearchEngine(engine_api.Engine):
   def compile_counts(self) -> dict[str, int]:
     """How many programs each jitted entry point holds (a swap must not add any)."""
     return {name: getattr(self, f"_{name}_jit")._cache_size()
-            for name in ("generate", "decode_block", "prefill", "insert", "append", "score")}
+            for name in ("generate", "decode_block", "prefill", "insert", "append", "score",
+                         "copy_prefix")}

@@ -39,8 +39,9 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
 
   rollout_cfg: `config.rollout` (driver, max_turns, max_tokens_per_turn, max_obs_tokens,
   max_context, max_start, temperature, top_p, top_k, n, prefill_buckets; optional
-  max_response_tokens, topk and decode_steps_per_call (native driver: generate steps per device
-  call, default 16)). `retriever` has `.search(queries, topk)` (RetrieverClient).
+  max_response_tokens, topk, decode_steps_per_call and max_decode_steps_per_call (native driver:
+  generate steps per device call, at least / at most; defaults 8 / 64) and share_prefix
+  (default True)). `retriever` has `.search(queries, topk)` (RetrieverClient).
   Uses the engine's current params (see `StepSearchEngine.swap_params`).
   """
   cfg = LoopConfig.from_config(rollout_cfg, topk=getattr(retriever, "topk", 3))
@@ -55,7 +56,9 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
     from stepsearch_jax.rollout.native import run_native
     stats = run_native(engine, episodes, retriever, sampling, cfg,
                        buckets=tuple(rollout_cfg.get("prefill_buckets", ())),
-                       decode_steps=int(rollout_cfg.get("decode_steps_per_call", 16)))
+                       decode_steps=int(rollout_cfg.get("decode_steps_per_call", 8)),
+                       max_decode_steps=int(rollout_cfg.get("max_decode_steps_per_call", 64)),
+                       share_prefix=bool(rollout_cfg.get("share_prefix", True)))
   elif driver == "jetstream":
     from stepsearch_jax.rollout.jetstream_driver import run_jetstream
     stats = run_jetstream(engine, episodes, retriever, sampling, cfg,

@@ -9,7 +9,9 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
    `engine.append` call for all queued slots (split by token bucket only when that pads far
    less): prompts go in at position 0; tool results go in at the slot's current length, so only
    the new `<information>`/`<warning>` tokens are computed and the trajectory keeps its KV cache
-   across turns.
+   across turns. Prompts prefilled together share their common token prefix (the instruction
+   template): it is prefilled once into one slot, copied into the others' caches
+   (`engine.copy_prefix`), and each prompt appends only its own suffix.
 3. A decode block (`engine.decode_block`) runs up to `decode_steps` generate steps in one device
    call (stop sequences are matched on device; a slot that stops goes idle for the rest of the
    block, and the block ends early once no slot is active). The host then reads the block's
@@ -76,15 +78,34 @@ def _plan_appends(lengths: Sequence[int], shape) -> list[list[int]]:
   return [everything]
 
 
+MIN_SHARED_PREFIX = 32   # shorter common prefixes are not worth an extra prefill call and copy
+
+
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+  first = rows[0]
+  n = min(len(r) for r in rows)
+  for r in rows[1:]:
+    i = 0
+    while i < n and r[i] == first[i]:
+      i += 1
+    n = i
+  return n
+
+
 def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever: Any,
                sampling: SamplingParams, cfg: LoopConfig, params: Any = None,
-               buckets: Sequence[int] = (), decode_steps: int = 16) -> dict:
+               buckets: Sequence[int] = (), decode_steps: int = 8,
+               max_decode_steps: int = 64, share_prefix: bool = True) -> dict:
   """Run every episode to completion; returns timing/throughput stats.
 
-  decode_steps: generate steps per device call (`engine.decode_block`). A slot that stops
-  mid-block idles until the block ends, which it does early once every slot has stopped; turns
-  of similar length then run in lockstep, so a block near the turn length costs few idle steps
-  and amortises the host round trip and the cache-window copy over many tokens.
+  decode_steps / max_decode_steps: generate steps per device call (`engine.decode_block`): the
+  cache window is sized for `decode_steps` more tokens, and the block runs on while that window
+  still has room, up to `max_decode_steps`. A slot that stops mid-block idles until the block
+  ends, which it does early once every slot has stopped; turns of similar length then run in
+  lockstep, so a turn is mostly one block: one host round trip and one cache-window copy, on
+  the smallest window that holds it.
+  share_prefix: prompts prefilled together compute their common token prefix once
+  (`engine.copy_prefix`); off, every prompt is prefilled whole.
   """
   params = engine.params if params is None else params
   nslots = engine.num_slots
@@ -112,6 +133,8 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     starts = [0 if f else ep.append_start for ep, f in zip(eps, fresh)]
     caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
             for st, t in zip(starts, toks)]
+    if share_prefix:
+      state = shared_prefix(state, slots, eps, toks, starts)
     # Prompts (at 0) and tool results (at each slot's length) of all slots go in together.
     for idx in _plan_appends([len(t) for t in toks],
                              lambda ls: engine.append_shape(ls, buckets)):
@@ -128,6 +151,32 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     # The next decode block waits for the appends anyway; waiting here times them honestly.
     jax.block_until_ready(state.tokens)
     stats["prefill_s"] += time.perf_counter() - t0
+
+  def shared_prefix(state, slots, eps, toks, starts):
+    """Prefill the prompt prefix common to the fresh rows once, then copy it to the others.
+
+    RL prompts repeat one instruction template (and GRPO's n samples the whole prompt), so a
+    batch of fresh prompts is mostly the same tokens. Rewrites those rows of `toks`/`starts` in
+    place to append only their own suffix after the copied prefix.
+    """
+    fresh = [i for i, st in enumerate(starts) if st == 0]
+    if len(fresh) < 2:
+      return state
+    rows = [toks[i] for i in fresh]
+    # keep >= 1 token per row to append: its last token's logits sample the first response token
+    n = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1)
+    if n < MIN_SHARED_PREFIX:
+      return state
+    src = slots[fresh[0]]
+    state = engine.append(state, [src], [rows[0][:n]], [0], params=params, sampling=sampling,
+                          keys=[eps[fresh[0]].key], buckets=buckets)
+    state = engine.copy_prefix(state, src, [slots[i] for i in fresh[1:]], n)
+    for i in fresh:
+      toks[i], starts[i] = toks[i][n:], n
+    stats["prefill_tokens"] += n
+    stats["prefill_calls"] += 1
+    stats["shared_prefix_tokens"] += n * (len(fresh) - 1)
+    return state
 
   def end_turn(s: int):
     ep = slot_ep[s]
@@ -175,7 +224,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
           break
         continue
       t0 = time.perf_counter()
-      state, out = engine.decode_block(params, state, decode_steps)
+      state, out = engine.decode_block(params, state, decode_steps, max_decode_steps)
       t1 = time.perf_counter()
       stats["decode_call_s"] += t1 - t0
       stats["steps"] += len(out["tokens"])
