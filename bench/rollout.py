@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stepsearch_jax import models  # noqa: E402
+from stepsearch_jax import hostmem, models  # noqa: E402
 from stepsearch_jax.config import base_config  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
 from stepsearch_jax.rollout import loop, toy  # noqa: E402
@@ -95,6 +95,7 @@ def main() -> None:
   p.add_argument("--max_decode_steps", type=int, default=defaults.max_decode_steps_per_call,
                  help="native driver: rollout.max_decode_steps_per_call")
   args = p.parse_args()
+  hostmem.reexec_with_hugepages()     # for torch and JAX alike: both allocate through glibc
   batches = [int(b) for b in args.batches.split(",")]
   load_start = os.getloadavg()[0]   # the CPU may be shared: ratios are side by side, not absolutes
   import torch
@@ -182,6 +183,7 @@ def main() -> None:
                                                "decode_steps_per_call",
                                                "max_decode_steps_per_call", "prefill_buckets")},
               "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "results": results,
               "targets": {"native_over_jetstream_at_32": ">= 2", "native_over_torch_at_32": ">= 3"}}
     at32 = next((r for r in results if r["batch"] == 32), None)

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stepsearch_jax import config as config_lib
+from stepsearch_jax import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with ':arg' for get_config(arg).",
@@ -33,7 +34,11 @@ def parse_flags(argv):
 
 
 def run(main):
-  """app.run with the friendly config parser; library INFO logs (orbax, absl) only on request."""
+  """app.run with the friendly config parser; library INFO logs (orbax, absl) only on request.
+
+  First re-executes the process with huge-page host allocations (see `hostmem`).
+  """
+  hostmem.reexec_with_hugepages()
   def quiet_main(argv):
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
       logging.set_verbosity(logging.WARNING)
