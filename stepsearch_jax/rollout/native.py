@@ -240,6 +240,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
       stats["host_s"] += time.perf_counter() - t1
   finally:
     pool.shutdown(wait=True)
+  engine.release_decode_state(state)
   total = time.perf_counter() - t_start
   stats["total_s"] = total
   stats["decode_s"] = total - stats["retrieval_wait_s"]
