@@ -152,7 +152,8 @@ def test_native_sampled_trajectories_do_not_depend_on_the_block_size(world, serv
 def test_prefix_sharing_and_window_filling_blocks_change_nothing(world, server, engine):
   """The native driver's shortcuts do not change trajectories: prompts sharing their template
   prefix (prefilled once, copied) and blocks that run on while the cache window has room give
-  the same sampled tokens and logprobs as whole-prompt prefills and fixed 4-step blocks."""
+  the same sampled tokens and logprobs as whole-prompt prefills and fixed 4-step blocks; both
+  run on decode states released by earlier rollouts, whose stale cache is never read."""
   retriever = RetrieverClient(server, topk=3)
   records = world["test_records"][:6]
   fast = rollout(engine, records, _rollout_cfg(temperature=1.0, decode_steps_per_call=4,
@@ -167,3 +168,4 @@ def test_prefix_sharing_and_window_filling_blocks_change_nothing(world, server, 
   assert fast.stats["shared_prefix_tokens"] > 0 and "shared_prefix_tokens" not in plain.stats
   assert fast.stats["prefill_tokens"] < plain.stats["prefill_tokens"]
   assert fast.stats["decode_calls"] < plain.stats["decode_calls"]
+  assert engine.compile_counts()["reset"] == 1          # released states were reused
