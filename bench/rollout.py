@@ -17,7 +17,8 @@ the same greedy 5-turn search rollout (max_turns=5, then the final answer turn) 
              with 1 thread and with all cores, the faster run reported.
 All three feed the same Episode state machine. Reported: model tokens generated per second of
 wall time (retrieval included) of the fastest of `--repeats` timed runs, after untimed warm-up
-runs (compilation excluded); every run's wall time is kept too.
+runs (compilation excluded); the timed runs go round-robin over the contenders, and every run's
+wall time is kept too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from stepsearch_jax import hostmem, models  # noqa: E402
 from stepsearch_jax.config import base_config  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
 from stepsearch_jax.rollout import loop, toy  # noqa: E402
-from stepsearch_jax.rollout.driver import rollout  # noqa: E402
+from stepsearch_jax.rollout.driver import RolloutResult, rollout  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 
 
@@ -136,47 +137,65 @@ def main() -> None:
       row = {"batch": b}
       unshared = ml_collections.ConfigDict(rcfg.to_dict())
       unshared.share_prefix = False
-      for name, driver, cfg in (("native", "native", rcfg), ("jetstream", "jetstream", rcfg),
-                                ("native_unshared_prefix", "native", unshared)):
+
+      def ours(driver, cfg):
+        return lambda: rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0),
+                               greedy=True, driver=driver, score_logprobs=False)
+
+      def theirs(threads):
         def run():
-          return rollout(engine, records, cfg, retriever, jax.random.PRNGKey(0), greedy=True,
-                         driver=driver, score_logprobs=False)
-        run(), run()        # warm-up: compiles, and a second rollout reuses a released state
-        before = engine.compile_counts()
-        outs = [run() for _ in range(args.repeats)]
+          torch.set_num_threads(threads)
+          trajs, wall = torch_rollout(hf, tok, records, lcfg, retriever)
+          out = RolloutResult(trajs)
+          out.stats = {"total_s": wall, "threads": threads}
+          return out
+        return run
+
+      # torch's thread count matters on a shared CPU (OpenMP threads spin against other
+      # processes), so it runs with 1 and with all cores and its faster run is the baseline.
+      contenders = {"native": ours("native", rcfg), "jetstream": ours("jetstream", rcfg),
+                    "native_unshared_prefix": ours("native", unshared)}
+      contenders.update({f"torch_{t}": theirs(t) for t in sorted({1, os.cpu_count() or 1})})
+      for run in contenders.values():   # warm-up: compiles; a second rollout reuses a state
+        run(), run()
+      before = engine.compile_counts()
+      # Repeats go round-robin over the contenders, so a slow spell of a shared CPU does not
+      # fall on one of them only; each reports its fastest run.
+      runs = {name: [] for name in contenders}
+      for _ in range(args.repeats):
+        for name, run in contenders.items():
+          runs[name].append(run())
+      compiles = sum(engine.compile_counts().values()) - sum(before.values())
+      row["compiles_during_timed_runs"] = compiles
+      for name, outs in runs.items():
         out = min(outs, key=lambda o: o.stats["total_s"])
-        compiles = sum(engine.compile_counts().values()) - sum(before.values())
         s = out.stats
         row[name] = {"tokens_per_s": model_tokens(out) / s["total_s"], "wall_s": s["total_s"],
                      "wall_s_all_runs": [o.stats["total_s"] for o in outs],
                      "model_tokens": model_tokens(out), "searches": int(sum(
-                         len(t.search_end_indices) for t in out)),
-                     "retrieval_requests": int(s.get("retrieval_batches", 0)),
-                     "retrieval_s": s.get("retrieval_s", 0.0), "prefill_tokens":
-                     int(s.get("prefill_tokens", 0)), "decode_steps": int(s.get("steps", 0)),
-                     "compiles_during_timed_run": compiles}
-        if driver == "native":   # phase profile of the native loop (seconds / calls)
+                         len(t.search_end_indices) for t in out))}
+        if name.startswith("torch"):
+          row[name]["threads"] = s["threads"]
+        else:
+          row[name].update({
+              "retrieval_requests": int(s.get("retrieval_batches", 0)),
+              "retrieval_s": s.get("retrieval_s", 0.0), "prefill_tokens":
+              int(s.get("prefill_tokens", 0)), "decode_steps": int(s.get("steps", 0))})
+        if name.startswith("native"):   # phase profile of the native loop (seconds / calls)
           row[name]["shared_prefix_tokens"] = int(s.get("shared_prefix_tokens", 0))
           row[name]["phases"] = {k: s[k] for k in (
               "decode_call_s", "decode_calls", "prefill_s", "prefill_calls", "host_s",
               "retrieval_wait_s") if k in s}
         row[name + "_responses"] = [t.response_ids for t in out]
-      # torch's thread count matters on a shared CPU (OpenMP threads spin against other
-      # processes), so it runs with 1 and with all cores and its faster run is the baseline.
-      by_threads = {}
-      for threads in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(threads)
-        torch_rollout(hf, tok, records[:1], lcfg, retriever)                # warm-up
-        runs = [torch_rollout(hf, tok, records, lcfg, retriever) for _ in range(args.repeats)]
-        trajs, wall = min(runs, key=lambda r: r[1])
-        by_threads[threads] = {"tokens_per_s": model_tokens(trajs) / wall, "wall_s": wall,
-                               "wall_s_all_runs": [r[1] for r in runs],
-                               "model_tokens": model_tokens(trajs), "threads": threads,
-                               "searches": int(sum(len(t.search_end_indices) for t in trajs))}
-        torch_responses = [t.response_ids for t in trajs]
-      row["torch"] = max(by_threads.values(), key=lambda r: r["tokens_per_s"])
-      row["torch_tokens_per_s_by_threads"] = {str(t): r["tokens_per_s"]
-                                              for t, r in by_threads.items()}
+      by_threads = {k: row.pop(k) for k in list(row) if k.startswith("torch_") and
+                    not k.endswith("_responses")}
+      best = max(by_threads, key=lambda k: by_threads[k]["tokens_per_s"])
+      torch_responses = row.pop(best + "_responses")
+      for k in by_threads:
+        row.pop(k + "_responses", None)
+      row["torch"] = by_threads[best]
+      row["torch_tokens_per_s_by_threads"] = {str(r["threads"]): r["tokens_per_s"]
+                                              for r in by_threads.values()}
       native = row.pop("native_responses")
       row["native_equals_jetstream"] = native == row.pop("jetstream_responses")
       row["native_equals_unshared_prefix"] = native == row.pop("native_unshared_prefix_responses")

@@ -130,6 +130,45 @@ def test_copy_prefix_then_suffix_equals_whole_prompts(setup, tok):
     engine.copy_prefix(state, 7, [0], 3)
 
 
+def test_decode_block_reading_a_shared_prefix_once_equals_reading_every_row(setup, tok):
+  """decode_block(shared=(slot, n)): rows that share a 150-token prefix read its keys/values
+  once (from one slot) instead of from every row; tokens and logprobs are unchanged, in the
+  all-slot and the few-row program."""
+  _, engine = setup
+  kw = dict(num_slots=4, cache_len=300, max_prefill_length=64, stop_strings=(), max_tokens=12)
+  eng = StepSearchEngine(engine.config, engine.params, tok, **kw)
+  ids = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+  common = (ids[2] * 30)[:150]
+  tails = [ids[0], ids[3], ids[4], ids[1]]
+  hot = SamplingParams(temperature=1.5)
+
+  def run(slots, shared):
+    state = eng.append(eng.init_decode_state(), [slots[0]], [common], [0], max_new=1)
+    state = eng.copy_prefix(state, slots[0], slots[1:], len(common))
+    state = eng.append(state, slots, [tails[s] for s in slots], [len(common)] * len(slots),
+                       max_new=10, sampling=hot, keys=[eng.request_key(s) for s in slots])
+    outs, lps = [[] for _ in range(4)], [[] for _ in range(4)]
+    while True:
+      state, out = eng.decode_block(eng.params, state, 4, 8,
+                                    shared=(slots[0], len(common)) if shared else None)
+      for s in range(4):
+        v = out["valid"][:, s]
+        outs[s] += out["tokens"][v, s].tolist()
+        lps[s] += out["logprobs"][v, s].tolist()
+      if not out["valid"].any() or not out["valid"][-1].any():
+        return outs, lps
+
+  cases = ([0, 1, 2, 3], [1, 3])                # every slot; two rows (gathered)
+  plain = [run(slots, False) for slots in cases]
+  programs = eng._decode_block_jit._cache_size()
+  for slots, (want, want_lp) in zip(cases, plain):
+    got, got_lp = run(slots, True)
+    assert got == want and all(got[s] for s in slots)
+    np.testing.assert_allclose(sum(got_lp, []), sum(want_lp, []), atol=1e-5)
+  # the shared-prefix programs (offset 128 of the 150 shared tokens) are new ones that ran
+  assert eng._decode_block_jit._cache_size() >= programs + 2
+
+
 def test_stop_sequence_and_cap(setup, tok):
   hf, engine = setup
   for prompt in PROMPTS:   # a prompt whose greedy output has a new token after position 0

@@ -129,7 +129,7 @@ class StepSearchEngine(engine_api.Engine):
     self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
     # `rows=None` (every slot) and a rows array are two programs of the same jit
     self._decode_block_jit = jax.jit(self._decode_block_impl, donate_argnums=(1,),
-                                     static_argnums=(3, 4))
+                                     static_argnums=(3, 4, 7))
     self._prefill_jit = jax.jit(self._prefill_impl)
     self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
     self._append_jit = jax.jit(self._append_impl, donate_argnums=(1,),
@@ -149,21 +149,23 @@ class StepSearchEngine(engine_api.Engine):
     match = (stops[None] == -1) | (tail[:, None, :] == stops[None])
     return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
-  def _step(self, params, state: DecodeState, cache, limit: int, layers=None):
-    """One decode step over `cache` (the full cache or a window of its first `limit` slots).
+  def _step(self, params, state: DecodeState, cache, limit: int, layers=None, shared=None):
+    """One decode step over `cache` (the full cache or a window of its first `limit` slots; with
+    `shared`, a prefix of P positions every active row has, the window starts at position P).
 
     Inactive rows write nothing (their write index is `limit`, which the scatter drops), so a
     window need only cover the active rows' positions.
     """
+    offset = 0 if shared is None else shared["k"][0].shape[-1]
     emit, emit_lp, valid = state.tokens, state.logprobs, state.active
     gen_len = state.gen_len + valid.astype(jnp.int32)
     shifted = jnp.concatenate([state.tail[:, 1:], emit[:, None]], axis=1)
     tail = jnp.where(valid[:, None], shifted, state.tail)
     is_eos = jnp.isin(emit, jnp.asarray(self.eos_ids, jnp.int32))
     stopped = valid & (self._stop_hit(tail) | is_eos | (gen_len >= state.max_new))
-    write_pos = jnp.where(valid, jnp.minimum(state.pos, limit - 1), limit)
+    write_pos = jnp.where(valid, jnp.minimum(state.pos - offset, limit - 1), limit)
     logits, cache = models.forward_cached(self.config, params, emit[:, None], cache,
-                                          write_pos, last_only=True, layers=layers)
+                                          write_pos, last_only=True, layers=layers, shared=shared)
     nxt, nxt_lp = sampling_lib.sample(logits, state.keys, state.pos + 1, state.temperature,
                                       state.top_p, state.top_k)
     active = valid & ~stopped
@@ -181,7 +183,7 @@ class StepSearchEngine(engine_api.Engine):
     return new_state.replace(cache=cache), data, emit_lp, stopped
 
   def _decode_block_impl(self, params, state: DecodeState, n_steps, window: int, steps: int,
-                         rows=None):
+                         rows=None, shared_src=None, offset: int = 0):
     """Up to `n_steps` (traced, <= `steps`, the static buffer length) decode steps in one program,
     on a window of the first `window` cache slots.
 
@@ -191,13 +193,15 @@ class StepSearchEngine(engine_api.Engine):
     With `rows` (the few active slots, padded by repeats), only those rows are gathered and
     decoded (outputs [steps, len(rows)]), so a block's tail of stragglers does not cost a full
     batch; repeated rows compute and write back identical values.
+    With `offset` > 0, every active row holds the same first `offset` positions as slot
+    `shared_src` (a shared prompt prefix): attention reads them once from that slot, and the
+    per-row window covers positions offset..window-1 only.
     """
     full = state
     if rows is not None:
       state = jax.tree_util.tree_map(lambda x: x[rows], state.replace(cache=None))
-      win = models.cache_window(full.cache, window, rows)
-    else:
-      win = models.cache_window(state.cache, window)
+    win = models.cache_window(full.cache, window, rows, start=offset)
+    shared = models.cache_window(full.cache, offset, shared_src) if offset else None
     b = state.tokens.shape[0]
     layers = models.split_layers(self.config, params)   # once per block, not per step
     bufs = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool),
@@ -209,13 +213,14 @@ class StepSearchEngine(engine_api.Engine):
 
     def body(carry):
       i, st, win, bufs = carry
-      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window, layers)
+      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window - offset,
+                                                          layers, shared)
       bufs = tuple(buf.at[i].set(x) for buf, x in zip(bufs, (emit, valid, lp, stopped)))
       return i + 1, st, win, bufs
 
     n, st, win, bufs = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
-    cache = models.cache_put_window(full.cache, win, rows)
+    cache = models.cache_put_window(full.cache, win, rows, start=offset)
     if rows is not None:
       st = jax.tree_util.tree_map(lambda f, x: f.at[rows].set(x), full.replace(cache=None), st)
     return st.replace(cache=cache), n, bufs
@@ -378,7 +383,8 @@ class StepSearchEngine(engine_api.Engine):
     return min(self.cache_len, -(-max(int(need), 1) // 128) * 128)
 
   def decode_block(self, params: Any, decode_state: DecodeState, steps: int = 8,
-                   max_steps: int | None = None) -> tuple[DecodeState, dict[str, np.ndarray]]:
+                   max_steps: int | None = None, shared: tuple[int, int] | None = None
+                   ) -> tuple[DecodeState, dict[str, np.ndarray]]:
     """`generate` steps in one device call (RL drivers; not part of JetStream's API).
 
     Same per-step semantics as `generate` (emit, stop check, write, sample the next token), but
@@ -388,6 +394,11 @@ class StepSearchEngine(engine_api.Engine):
     active, and the host receives one small transfer:
     {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran. When at
     most half the slots are active, only their rows (padded to a power of two) are decoded.
+
+    shared=(slot, length): the caller guarantees that every active slot holds the same first
+    `length` tokens as `slot` (a prompt prefix shared through `copy_prefix`). Attention then reads
+    those keys/values (rounded down to a multiple of 128) once for all rows instead of once per
+    row: decode is bound by reading the cache window, and the template is most of it early on.
     """
     pos, active = jax.device_get((decode_state.pos, decode_state.active))
     top = int(pos[active].max()) if active.any() else 0
@@ -395,12 +406,16 @@ class StepSearchEngine(engine_api.Engine):
     max_steps = max(steps, max_steps or steps)
     n_steps = jnp.asarray(max(1, min(max_steps, window - top)), jnp.int32)
     live = np.flatnonzero(active)
+    offset, src = 0, None
+    if shared is not None and len(live):
+      offset = min(int(shared[1]), int(pos[active].min())) // 128 * 128
+      src = jnp.asarray(int(shared[0]), jnp.int32) if offset else None
     rows = _pow2_at_least(len(live)) if len(live) else self.num_slots
     names = ("tokens", "valid", "logprobs", "stopped")
     if rows * 2 <= self.num_slots:   # few stragglers: decode only their rows
       sel = np.concatenate([live, np.full(rows - len(live), live[0])]).astype(np.int32)
       state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps,
-                                              jnp.asarray(sel))
+                                              jnp.asarray(sel), src, offset)
       n, bufs = jax.device_get((n, bufs))
       out = {}
       for k, v in zip(names, bufs):
@@ -408,7 +423,8 @@ class StepSearchEngine(engine_api.Engine):
         wide[:, live] = v[:int(n), :len(live)]
         out[k] = wide
       return state, out
-    state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps)
+    state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps,
+                                            None, src, offset)
     n, bufs = jax.device_get((n, bufs))
     return state, {k: v[:int(n)] for k, v in zip(names, bufs)}
 

@@ -94,26 +94,29 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, tuple
           for name, shape in shapes.items()}
 
 
-def _window_index(name: str, window: int, rows):
+def _window_index(name: str, window: int, rows, start: int = 0):
   index = [slice(None)] * 4
-  index[CACHE_SEQ_AXIS[name]] = slice(0, window)
+  index[CACHE_SEQ_AXIS[name]] = slice(start, window)
   if rows is not None:
     index[0] = rows
   return tuple(index)
 
 
-def cache_window(cache: dict, window: int, rows: jax.Array | None = None) -> dict:
-  """The first `window` slots of every row (or of rows `rows`) of a cache (a copy)."""
-  return {name: tuple(c[_window_index(name, window, rows)] for c in layers)
+def cache_window(cache: dict, window: int, rows: jax.Array | None = None, start: int = 0) -> dict:
+  """Slots start..window-1 of every row (or of rows `rows`; a scalar drops the row axis) of a
+  cache (a copy)."""
+  return {name: tuple(c[_window_index(name, window, rows, start)] for c in layers)
           for name, layers in cache.items()}
 
 
-def cache_put_window(cache: dict, sub: dict, rows: jax.Array | None = None) -> dict:
-  """Write a `cache_window` result back (in place when the cache is donated)."""
+def cache_put_window(cache: dict, sub: dict, rows: jax.Array | None = None, start: int = 0) -> dict:
+  """Write a `cache_window(..., start=start)` result back (in place when the cache is donated)."""
   def put(name, c, s):
+    axis = CACHE_SEQ_AXIS[name]
     if rows is None:
-      return jax.lax.dynamic_update_slice(c, s, (0,) * c.ndim)
-    return c.at[_window_index(name, s.shape[CACHE_SEQ_AXIS[name]], rows)].set(s)
+      return jax.lax.dynamic_update_slice(c, s, tuple(start if i == axis else 0
+                                                      for i in range(c.ndim)))
+    return c.at[_window_index(name, start + s.shape[axis], rows, start)].set(s)
   return {name: tuple(put(name, c, s) for c, s in zip(cache[name], sub[name])) for name in cache}
 
 
@@ -130,7 +133,8 @@ def split_layers(config: ModelConfig, params: Params) -> tuple:
 @functools.partial(jax.jit, static_argnames=("config", "last_only"), donate_argnames=("cache",))
 def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, cache: dict,
                    cache_index: jax.Array, *, last_only: bool = False,
-                   last_index: jax.Array | None = None, layers: tuple | None = None):
+                   last_index: jax.Array | None = None, layers: tuple | None = None,
+                   shared: dict | None = None):
   """Write T tokens per row at slots cache_index[b].. and return (float32 logits, new cache).
 
   RoPE positions are the slot indices; a query at slot i attends to slots 0..i of its row (stale
@@ -138,12 +142,18 @@ def forward_cached(config: ModelConfig, params: Params, tokens: jax.Array, cache
   dropped (not clamped), so keep cache_index + T <= max_len for the tokens that matter.
   With last_only, logits are [B, V] at position last_index[b] (default T-1) of the T new tokens.
   layers: optional `split_layers(config, params)` (same values; saves per-call weight slicing).
+  shared: optional {'k', 'v'} per-layer keys [Hkv, Dh, P] / values [Hkv, P, Dh] of a prefix that
+  every row has at positions 0..P-1 (`cache_window(cache, P, rows=slot)` of one row holding it);
+  `cache` then holds each row's slots from P on (cache slot i is position P + i), and attention
+  reads the prefix once for all rows instead of once per row.
   """
   b, t = tokens.shape
   cache_index = cache_index.astype(jnp.int32)
-  positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  offset = 0 if shared is None else shared["k"][0].shape[-1]
+  positions = offset + cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   model = decoder.merge(config, params)
-  hidden, new_cache = model(tokens, positions, None, cache, cache_index, layer_params=layers)
+  hidden, new_cache = model(tokens, positions, None, cache, cache_index, layer_params=layers,
+                            shared=shared)
   if last_only:
     idx = jnp.full((b,), t - 1, jnp.int32) if last_index is None else last_index.astype(jnp.int32)
     hidden = hidden[jnp.arange(b), idx]

@@ -106,6 +106,25 @@ def _cached_attention(q, keys, values, q_idx, scale):
       default=lambda q, keys, values, q_idx: _attend(q, keys, values, q_idx, scale))
 
 
+def _attend_with_shared(q, keys, values, q_idx, shared_k, shared_v, scale):
+  """`_attend` over [shared prefix ; each row's own slots]: one softmax across both parts.
+
+  shared_k [Hkv, Dh, P] / shared_v [Hkv, P, Dh] are the same for every row, so their scores are
+  one matmul with all rows' queries stacked (the prefix is read once, not once per row); every
+  query sees the whole prefix. Own slots as in `_attend` (slot i <= q_idx).
+  """
+  s = keys.shape[3]
+  own = jnp.einsum("bkgtd,bkds->bkgts", q, keys, preferred_element_type=_F32) * scale
+  own = jnp.where((jnp.arange(s)[None, None, :] <= q_idx[:, :, None])[:, None, None], own, _NEG)
+  pre = jnp.einsum("bkgtd,kdp->bkgtp", q, shared_k, preferred_element_type=_F32) * scale
+  top = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
+  own, pre = jnp.exp(own - top), jnp.exp(pre - top)
+  total = own.sum(-1, keepdims=True) + pre.sum(-1, keepdims=True)
+  out = (jnp.einsum("bkgts,bksd->bkgtd", (own / total).astype(q.dtype), values)
+         + jnp.einsum("bkgtp,kpd->bkgtd", (pre / total).astype(q.dtype), shared_v))
+  return out
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; q head h reads kv head h // (H / Hkv), as HF's repeat_kv."""
 
@@ -153,7 +172,7 @@ class Attention(nnx.Module):
       scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_F32)
       new_cache = None
     else:
-      k_cache, v_cache, index = cache
+      k_cache, v_cache, index = cache[:3]
       # One scatter into this layer's cache (in place when donated). Writes past the cache end
       # are dropped, never clamped onto other slots.
       rows = jnp.arange(b)[:, None]
@@ -164,8 +183,13 @@ class Attention(nnx.Module):
       # consume with (B, Hkv) as batch dims, so the cache is read in place: no per-step transpose
       # or copy of it (only the small query/output tensors are transposed).
       q_idx = index[:, None] + jnp.arange(t)[None]
-      out = _cached_attention(qg.transpose(0, 2, 3, 1, 4), k_cache.astype(dt),
-                              v_cache.astype(dt), q_idx, cfg.head_dim ** -0.5)
+      if len(cache) == 5:     # a prefix shared by every row, read once (see forward_cached)
+        out = _attend_with_shared(qg.transpose(0, 2, 3, 1, 4), k_cache.astype(dt),
+                                  v_cache.astype(dt), q_idx, cache[3].astype(dt),
+                                  cache[4].astype(dt), cfg.head_dim ** -0.5)
+      else:
+        out = _cached_attention(qg.transpose(0, 2, 3, 1, 4), k_cache.astype(dt),
+                                v_cache.astype(dt), q_idx, cfg.head_dim ** -0.5)
       out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
       new_cache = (k_cache, v_cache)
     if cache is None:
@@ -228,7 +252,7 @@ class Decoder(nnx.Module):
                             ("embed", "vocab"))
 
   def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None,
-               layer_params=None):
+               layer_params=None, shared=None):
     """Returns (final-normed hidden [B,T,D], new cache or None).
 
     layer_params (cached path only): the layers' params already split per layer (pure dicts, see
@@ -262,8 +286,10 @@ class Decoder(nnx.Module):
         block = nnx.merge(graphdef, layer_params[layer])
       else:
         block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], layer_state))
-      x, (ks[layer], vs[layer]) = block(x, positions, key_valid,
-                                        (ks[layer], vs[layer], cache_index))
+      layer_cache = (ks[layer], vs[layer], cache_index)
+      if shared is not None:
+        layer_cache += (shared["k"][layer], shared["v"][layer])
+      x, (ks[layer], vs[layer]) = block(x, positions, key_valid, layer_cache)
     return self.final_norm(x), {"k": tuple(ks), "v": tuple(vs)}
 
   def logits(self, hidden):

@@ -118,6 +118,9 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
   pending_search: list[int] = []
   inflight = None                      # (future, [slots])
   decoding = np.zeros(nslots, bool)
+  # (group id, length) of the prompt prefix a slot got through `shared_prefix`, else None: when
+  # every decoding slot has the same one, decode blocks read that prefix once for all rows.
+  slot_prefix: list[tuple[int, int] | None] = [None] * nslots
   state = engine.init_decode_state()
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrieval")
   t_start = time.perf_counter()
@@ -133,6 +136,9 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     starts = [0 if f else ep.append_start for ep, f in zip(eps, fresh)]
     caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
             for st, t in zip(starts, toks)]
+    for s, st in zip(slots, starts):
+      if st == 0:
+        slot_prefix[s] = None
     if share_prefix:
       state = shared_prefix(state, slots, eps, toks, starts)
     # Prompts (at 0) and tool results (at each slot's length) of all slots go in together.
@@ -173,6 +179,8 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     state = engine.copy_prefix(state, src, [slots[i] for i in fresh[1:]], n)
     for i in fresh:
       toks[i], starts[i] = toks[i][n:], n
+      slot_prefix[slots[i]] = (stats["prefix_groups"], n)
+    stats["prefix_groups"] += 1
     stats["prefill_tokens"] += n
     stats["prefill_calls"] += 1
     stats["shared_prefix_tokens"] += n * (len(fresh) - 1)
@@ -224,7 +232,10 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
           break
         continue
       t0 = time.perf_counter()
-      state, out = engine.decode_block(params, state, decode_steps, max_decode_steps)
+      live = np.flatnonzero(decoding)
+      groups = {slot_prefix[s] for s in live}
+      shared = (int(live[0]), groups.pop()[1]) if len(groups) == 1 and None not in groups else None
+      state, out = engine.decode_block(params, state, decode_steps, max_decode_steps, shared)
       t1 = time.perf_counter()
       stats["decode_call_s"] += t1 - t0
       stats["steps"] += len(out["tokens"])
