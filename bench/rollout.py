@@ -90,7 +90,7 @@ def main() -> None:
   p.add_argument("--sft_steps", type=int, default=80)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--repeats", type=int, default=3,
+  p.add_argument("--repeats", type=int, default=5,
                  help="timed runs per driver (and torch thread count); the fastest is reported")
   p.add_argument("--workdir", default="", help="reuse the world and trained policy kept here")
   defaults = base_config().rollout
