@@ -12,9 +12,11 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
    across turns. Prompts prefilled together share their common token prefix (the instruction
    template): it is prefilled once into one slot, copied into the others' caches
    (`engine.copy_prefix`), and each prompt appends only its own suffix.
-3. A decode block (`engine.decode_block`) runs up to `decode_steps` generate steps in one device
-   call (stop sequences are matched on device; a slot that stops goes idle for the rest of the
-   block, and the block ends early once no slot is active). The host then reads the block's
+3. A decode block (`engine.decode_block`) runs `decode_steps` to `max_decode_steps` generate steps
+   in one device call (stop sequences are matched on device; a slot that stops goes idle for the
+   rest of the block, and the block ends early once no slot is active; when every decoding slot
+   holds the same copied prompt prefix, attention reads its keys/values once for all rows, not
+   once per row). The host then reads the block's
    emitted tokens/logprobs/stop flags in one transfer. A slot that stopped ends its turn:
    - `</answer>`, the final turn or the response cap: the episode is done and the slot is freed
      (and refilled by admission at the next iteration: continuous batching);
