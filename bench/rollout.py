@@ -167,6 +167,7 @@ def main() -> None:
           runs[name].append(run())
       compiles = sum(engine.compile_counts().values()) - sum(before.values())
       row["compiles_during_timed_runs"] = compiles
+      responses = {}
       for name, outs in runs.items():
         out = min(outs, key=lambda o: o.stats["total_s"])
         s = out.stats
@@ -186,20 +187,15 @@ def main() -> None:
           row[name]["phases"] = {k: s[k] for k in (
               "decode_call_s", "decode_calls", "prefill_s", "prefill_calls", "host_s",
               "retrieval_wait_s") if k in s}
-        row[name + "_responses"] = [t.response_ids for t in out]
-      by_threads = {k: row.pop(k) for k in list(row) if k.startswith("torch_") and
-                    not k.endswith("_responses")}
+        responses[name] = [t.response_ids for t in out]
+      by_threads = {k: row.pop(k) for k in contenders if k.startswith("torch_")}
       best = max(by_threads, key=lambda k: by_threads[k]["tokens_per_s"])
-      torch_responses = row.pop(best + "_responses")
-      for k in by_threads:
-        row.pop(k + "_responses", None)
       row["torch"] = by_threads[best]
       row["torch_tokens_per_s_by_threads"] = {str(r["threads"]): r["tokens_per_s"]
                                               for r in by_threads.values()}
-      native = row.pop("native_responses")
-      row["native_equals_jetstream"] = native == row.pop("jetstream_responses")
-      row["native_equals_unshared_prefix"] = native == row.pop("native_unshared_prefix_responses")
-      row["native_equals_torch"] = native == torch_responses
+      for other, name in (("jetstream", "jetstream"), ("unshared_prefix", "native_unshared_prefix"),
+                          ("torch", best)):
+        row[f"native_equals_{other}"] = responses["native"] == responses[name]
       row["native_over_jetstream"] = row["native"]["tokens_per_s"] / row["jetstream"]["tokens_per_s"]
       row["native_over_torch"] = row["native"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
       results.append(row)

@@ -411,22 +411,19 @@ class StepSearchEngine(engine_api.Engine):
       offset = min(int(shared[1]), int(pos[active].min())) // 128 * 128
       src = jnp.asarray(int(shared[0]), jnp.int32) if offset else None
     rows = _pow2_at_least(len(live)) if len(live) else self.num_slots
-    names = ("tokens", "valid", "logprobs", "stopped")
+    sel = None
     if rows * 2 <= self.num_slots:   # few stragglers: decode only their rows
-      sel = np.concatenate([live, np.full(rows - len(live), live[0])]).astype(np.int32)
-      state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps,
-                                              jnp.asarray(sel), src, offset)
-      n, bufs = jax.device_get((n, bufs))
-      out = {}
-      for k, v in zip(names, bufs):
-        wide = np.zeros((int(n), self.num_slots), v.dtype)
-        wide[:, live] = v[:int(n), :len(live)]
-        out[k] = wide
-      return state, out
+      sel = jnp.asarray(np.concatenate([live, np.full(rows - len(live), live[0])]), jnp.int32)
     state, n, bufs = self._decode_block_jit(params, decode_state, n_steps, window, max_steps,
-                                            None, src, offset)
+                                            sel, src, offset)
     n, bufs = jax.device_get((n, bufs))
-    return state, {k: v[:int(n)] for k, v in zip(names, bufs)}
+    out = {}
+    for k, v in zip(("tokens", "valid", "logprobs", "stopped"), bufs):
+      out[k] = v[:int(n)]
+      if sel is not None:            # back to one column per slot
+        out[k] = np.zeros((int(n), self.num_slots), v.dtype)
+        out[k][:, live] = v[:int(n), :len(live)]
+    return state, out
 
   def get_prefix_destination_sharding(self) -> Any:
     return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())

@@ -65,13 +65,18 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
-def _attend(q, keys, values, q_idx, scale):
-  """q [B, Hkv, G, T, Dh] over keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]; query t sees
-  slots <= q_idx[b, t]."""
+def _scores(q, keys, q_idx, scale):
+  """float32 scores [B, Hkv, G, T, S] of q over a row's cached keys, slots > q_idx masked."""
   s = keys.shape[3]
   scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys, preferred_element_type=_F32) * scale
   allowed = jnp.arange(s)[None, None, :] <= q_idx[:, :, None]
-  scores = jnp.where(allowed[:, None, None], scores, _NEG)
+  return jnp.where(allowed[:, None, None], scores, _NEG)
+
+
+def _attend(q, keys, values, q_idx, scale):
+  """q [B, Hkv, G, T, Dh] over keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]; query t sees
+  slots <= q_idx[b, t]."""
+  scores = _scores(q, keys, q_idx, scale)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgts,bksd->bkgtd", probs, values)
 
@@ -113,9 +118,7 @@ def _attend_with_shared(q, keys, values, q_idx, shared_k, shared_v, scale):
   one matmul with all rows' queries stacked (the prefix is read once, not once per row); every
   query sees the whole prefix. Own slots as in `_attend` (slot i <= q_idx).
   """
-  s = keys.shape[3]
-  own = jnp.einsum("bkgtd,bkds->bkgts", q, keys, preferred_element_type=_F32) * scale
-  own = jnp.where((jnp.arange(s)[None, None, :] <= q_idx[:, :, None])[:, None, None], own, _NEG)
+  own = _scores(q, keys, q_idx, scale)
   pre = jnp.einsum("bkgtd,kdp->bkgtp", q, shared_k, preferred_element_type=_F32) * scale
   top = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
   own, pre = jnp.exp(own - top), jnp.exp(pre - top)
