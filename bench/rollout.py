@@ -13,8 +13,9 @@ the same greedy 5-turn search rollout (max_turns=5, then the final answer turn) 
   jetstream: JetStream's orchestrator, one request per turn re-prefilling the history (logprob
              rescoring off, so only generation is compared);
   torch:     transformers `generate` on the same weights, turn by turn, the batch left-padded,
-             stopping rows on `</search>`/`</answer>`/EOS, one retrieval request per turn; run
-             with 1 thread and with all cores, the faster run reported.
+             stopping rows on `</search>`/`</answer>`/EOS, one retrieval request per turn; on
+             CPU run with 1 thread and with all cores, the faster run reported; when JAX runs on
+             a GPU, torch runs on CUDA too (`--torch_device`).
 All three feed the same Episode state machine. Reported: model tokens generated per second of
 wall time (retrieval included) of the fastest of `--repeats` timed runs, after untimed warm-up
 runs (compilation excluded); the timed runs go round-robin over the contenders, and every run's
@@ -45,7 +46,8 @@ from stepsearch_jax.rollout.driver import RolloutResult, rollout  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 
 
-def torch_rollout(hf, tok, records, cfg: loop.LoopConfig, retriever) -> tuple[list, float]:
+def torch_rollout(hf, tok, records, cfg: loop.LoopConfig, retriever,
+                  device="cpu") -> tuple[list, float]:
   import torch
   eps = loop.make_episodes(records, tok, cfg, jax.random.PRNGKey(0),
                            eos_ids=[tok.eos_token_id, tok.pad_token_id])
@@ -63,7 +65,7 @@ def torch_rollout(hf, tok, records, cfg: loop.LoopConfig, retriever) -> tuple[li
       ids[i, width - len(e.context):] = torch.tensor(e.context)
       mask[i, width - len(e.context):] = 1
     with torch.no_grad():
-      out = hf.generate(ids, attention_mask=mask, do_sample=False,
+      out = hf.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
                         max_new_tokens=cfg.max_tokens_per_turn, eos_token_id=stop_ids,
                         pad_token_id=tok.pad_token_id)[:, width:].tolist()
     searching = []
@@ -98,6 +100,9 @@ def main() -> None:
                  help="native driver: generate steps per device call (rollout.decode_steps_per_call)")
   p.add_argument("--max_decode_steps", type=int, default=defaults.max_decode_steps_per_call,
                  help="native driver: rollout.max_decode_steps_per_call")
+  p.add_argument("--torch_device", default="auto",
+                 help="cpu, cuda, or auto: cuda when JAX runs on a GPU and torch sees one, so "
+                      "both sides use the same accelerator")
   args = p.parse_args()
   hostmem.reexec_with_hugepages()     # for torch and JAX alike: both allocate through glibc
   batches = [int(b) for b in args.batches.split(",")]
@@ -121,7 +126,12 @@ def main() -> None:
       models.save_pretrained(hf_dir, config, params)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     tok = world["tokenizer"]
+    torch_device = args.torch_device
+    if torch_device == "auto":
+      torch_device = ("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available()
+                      else "cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = hf.to(torch_device)
     rcfg = ml_collections.ConfigDict(dict(
         driver="native", max_turns=5, max_tokens_per_turn=64, max_obs_tokens=800,
         max_context=1024, max_start=2048, temperature=1.0, top_p=1.0, top_k=-1, n=1,
@@ -145,7 +155,7 @@ def main() -> None:
       def theirs(threads):
         def run():
           torch.set_num_threads(threads)
-          trajs, wall = torch_rollout(hf, tok, records, lcfg, retriever)
+          trajs, wall = torch_rollout(hf, tok, records, lcfg, retriever, torch_device)
           out = RolloutResult(trajs)
           out.stats = {"total_s": wall, "threads": threads}
           return out
@@ -155,7 +165,9 @@ def main() -> None:
       # processes), so it runs with 1 and with all cores and its faster run is the baseline.
       contenders = {"native": ours("native", rcfg), "jetstream": ours("jetstream", rcfg),
                     "native_unshared_prefix": ours("native", unshared)}
-      contenders.update({f"torch_{t}": theirs(t) for t in sorted({1, os.cpu_count() or 1})})
+      # On a GPU the thread count hardly matters: one torch run, with all cores.
+      threads = ({1, os.cpu_count() or 1} if torch_device == "cpu" else {os.cpu_count() or 1})
+      contenders.update({f"torch_{t}": theirs(t) for t in sorted(threads)})
       for run in contenders.values():   # warm-up: compiles; a second rollout reuses a state
         run(), run()
       before = engine.compile_counts()
@@ -200,7 +212,9 @@ def main() -> None:
       row["native_over_torch"] = row["native"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
       results.append(row)
       print(json.dumps(row), flush=True)
-    report = {"benchmark": "rollout", "device": str(jax.devices()[0]), "model_params": n_params,
+    report = {"benchmark": "rollout", "device": str(jax.devices()[0]),
+              "device_kind": jax.devices()[0].device_kind, "torch_device": torch_device,
+              "model_params": n_params,
               "model": {"hidden": args.hidden, "layers": args.layers, "vocab": len(tok)},
               "rollout": {k: rcfg[k] for k in ("max_turns", "max_tokens_per_turn", "max_context",
                                                "decode_steps_per_call",

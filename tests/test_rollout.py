@@ -169,3 +169,32 @@ def test_prefix_sharing_and_window_filling_blocks_change_nothing(world, server, 
   assert fast.stats["prefill_tokens"] < plain.stats["prefill_tokens"]
   assert fast.stats["decode_calls"] < plain.stats["decode_calls"]
   assert engine.compile_counts()["reset"] == 1          # released states were reused
+
+
+def test_jetstream_driver_survives_a_late_stream_close(world, server, engine, monkeypatch):
+  """JetStream closes a stream with two thread-safe loop calls; the rollout can end in between.
+
+  The gap is widened to 0.1 s here. Were the event loop closed before JetStream's threads stop,
+  the second call would raise 'Event loop is closed' in the detokenize thread, which SIGKILLs the
+  process; the patched call records it instead, so the test fails cleanly.
+  """
+  import time
+
+  from jetstream.core.utils import async_multifuture
+
+  late_errors = []
+
+  def set_exception(self, exception):
+    self._loop.call_soon_threadsafe(self._queue.put_nowait, async_multifuture._Exception(exception))
+    time.sleep(0.1)
+    try:
+      self._loop.call_soon_threadsafe(self._done.set)
+    except RuntimeError as e:
+      late_errors.append(str(e))
+
+  monkeypatch.setattr(async_multifuture.AsyncMultifuture, "set_exception", set_exception)
+  retriever = RetrieverClient(server, topk=3)
+  out = rollout(engine, world["test_records"][:2], _rollout_cfg(max_turns=2), retriever,
+                jax.random.PRNGKey(0), greedy=True, driver="jetstream")
+  assert len(out) == 2 and all(t.response_ids for t in out)
+  assert late_errors == []

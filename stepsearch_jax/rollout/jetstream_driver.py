@@ -85,12 +85,19 @@ def run_jetstream(engine: StepSearchEngine, episodes: Sequence[Episode], retriev
         ep.observe_search(results[0])
 
   async def main() -> None:
-    await asyncio.gather(*(run_episode(ep) for ep in episodes))
+    try:
+      await asyncio.gather(*(run_episode(ep) for ep in episodes))
+    finally:
+      # Stop JetStream's threads while this event loop still runs: its detokenize thread closes
+      # a request's stream with two `call_soon_threadsafe` calls, and the last episode can end
+      # between them; after `asyncio.run` closed the loop the second one raises and JetStream
+      # SIGKILLs the whole process (seen about once in a few rollouts on 2 cores).
+      driver.stop()
 
   try:
     asyncio.run(main())
   finally:
-    driver.stop()
+    driver.stop()   # no-op after main's; stops the threads if the loop never started
     root.removeFilter(quiet)
     engine.default_sampling, engine.max_tokens = old_sampling, old_max
   stats["total_s"] = time.perf_counter() - t_start
