@@ -131,14 +131,14 @@ def test_copy_prefix_then_suffix_equals_whole_prompts(setup, tok):
 
 
 def test_decode_block_reading_a_shared_prefix_once_equals_reading_every_row(setup, tok):
-  """decode_block(shared=(slot, n)): rows that share a 150-token prefix read its keys/values
+  """decode_block(shared=(slot, n)): rows that share a 170-token prefix read its keys/values
   once (from one slot) instead of from every row; tokens and logprobs are unchanged, in the
   all-slot and the few-row program."""
   _, engine = setup
   kw = dict(num_slots=4, cache_len=300, max_prefill_length=64, stop_strings=(), max_tokens=12)
   eng = StepSearchEngine(engine.config, engine.params, tok, **kw)
   ids = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-  common = (ids[2] * 30)[:150]
+  common = (ids[2] * 30)[:170]
   tails = [ids[0], ids[3], ids[4], ids[1]]
   hot = SamplingParams(temperature=1.5)
 
@@ -165,7 +165,8 @@ def test_decode_block_reading_a_shared_prefix_once_equals_reading_every_row(setu
     got, got_lp = run(slots, True)
     assert got == want and all(got[s] for s in slots)
     np.testing.assert_allclose(sum(got_lp, []), sum(want_lp, []), atol=1e-5)
-  # the shared-prefix programs (offset 128 of the 150 shared tokens) are new ones that ran
+  # the shared-prefix programs (offset 160 of the 170 shared tokens: SHARED_PREFIX_STEP 32, not a
+  # multiple of the 128-slot window) are new ones that ran
   assert eng._decode_block_jit._cache_size() >= programs + 2
 
 

@@ -119,12 +119,17 @@ def _attend_with_shared(q, keys, values, q_idx, shared_k, shared_v, scale):
   query sees the whole prefix. Own slots as in `_attend` (slot i <= q_idx).
   """
   own = _scores(q, keys, q_idx, scale)
-  pre = jnp.einsum("bkgtd,kdp->bkgtp", q, shared_k, preferred_element_type=_F32) * scale
-  top = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
-  own, pre = jnp.exp(own - top), jnp.exp(pre - top)
-  total = own.sum(-1, keepdims=True) + pre.sum(-1, keepdims=True)
+  # The prefix part lives head-major, [Hkv, B, G, T, P]: each kv head is then one plain matmul
+  # (all rows' queries against the prefix) for scores and for values, and only the small
+  # per-query max/sum and outputs change layout, not the [.., P] probabilities.
+  def hm(x):
+    return jnp.moveaxis(x, 0, 1)    # [B, Hkv, ...] <-> [Hkv, B, ...]
+  pre = jnp.einsum("kbgtd,kdp->kbgtp", hm(q), shared_k, preferred_element_type=_F32) * scale
+  top = jnp.maximum(own.max(-1, keepdims=True), hm(pre.max(-1, keepdims=True)))
+  own, pre = jnp.exp(own - top), jnp.exp(pre - hm(top))
+  total = own.sum(-1, keepdims=True) + hm(pre.sum(-1, keepdims=True))
   out = (jnp.einsum("bkgts,bksd->bkgtd", (own / total).astype(q.dtype), values)
-         + jnp.einsum("bkgtp,kpd->bkgtd", (pre / total).astype(q.dtype), shared_v))
+         + hm(jnp.einsum("kbgtp,kpd->kbgtd", (pre / hm(total)).astype(q.dtype), shared_v)))
   return out
 
 
