@@ -230,6 +230,32 @@ def test_weight_swap_changes_output_without_recompiling(setup, tok):
   assert run() == before
 
 
+def test_decode_block_goes_on_over_the_stragglers_alone(setup, tok):
+  """Once at most half of a block's rows are active, the block continues over those rows only
+  (a half-width loop): tokens and logprobs equal one `generate` per token, in one device call."""
+  _, engine = setup
+  kw = dict(num_slots=8, cache_len=200, max_prefill_length=64, stop_strings=())
+  fast = StepSearchEngine(engine.config, engine.params, tok, **kw)
+  slow = StepSearchEngine(engine.config, engine.params, tok, **kw)
+  rows = [tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False) for i in range(8)]
+  caps = [14, 2, 3, 2, 11, 4, 1, 3]           # 2 rows run on after step 4: the half-width loop
+  hot = SamplingParams(temperature=1.5)
+  keys = [fast.request_key(i) for i in range(8)]
+  state = slow.init_decode_state()
+  for i in range(8):
+    state = slow.append(state, [i], [rows[i]], [0], max_new=caps[i], sampling=hot, keys=[keys[i]])
+  _, want, want_lp = _drain(slow, state, 16)
+  state = fast.append(fast.init_decode_state(), list(range(8)), rows, [0] * 8, max_new=caps,
+                      sampling=hot, keys=keys)
+  state, out = fast.decode_block(fast.params, state, 4, 32)
+  got = [out["tokens"][out["valid"][:, s], s].tolist() for s in range(8)]
+  got_lp = [out["logprobs"][out["valid"][:, s], s].tolist() for s in range(8)]
+  assert got == want and all(0 < len(g) <= c for g, c in zip(got, caps))
+  # the block ran past the point where at most 4 of the 8 rows were left, in one call
+  assert int(out["valid"][4].sum()) <= 4 and len(out["tokens"]) == max(map(len, got)) > 8
+  np.testing.assert_allclose(sum(got_lp, []), sum(want_lp, []), atol=1e-5)
+
+
 def test_decode_block_and_batched_append_equal_generate_and_per_slot_append(setup, tok):
   """The native driver's fast path (one batched append, k steps per call on a cache window)
   emits the same tokens and logprobs as per-slot appends + one `generate` per token, including

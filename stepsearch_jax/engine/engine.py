@@ -193,7 +193,8 @@ class StepSearchEngine(engine_api.Engine):
 
     Attention, the cache write and the softmax then cost O(window) instead of O(cache_len), and
     the host pays one dispatch and one small transfer per block instead of per token. The loop
-    ends early once no row is active. Outputs are [steps, B]; rows after a stop report valid=0.
+    ends early once no row is active; once at most half the rows are (b >= 4), it goes on over
+    those rows only (`narrow`). Outputs are [steps, B]; rows after a stop report valid=0.
     With `rows` (the few active slots, padded by repeats), only those rows are gathered and
     decoded (outputs [steps, len(rows)]), so a block's tail of stragglers does not cost a full
     batch; repeated rows compute and write back identical values.
@@ -211,19 +212,40 @@ class StepSearchEngine(engine_api.Engine):
     bufs = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), bool),
             jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b), bool))
 
-    def cond(carry):
+    compact = b >= 4
+
+    def more(carry):
       i, st, _, _ = carry
       return (i < n_steps) & jnp.any(st.active)
 
-    def body(carry):
-      i, st, win, bufs = carry
-      st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window - offset,
-                                                          layers, shared)
-      bufs = tuple(buf.at[i].set(x) for buf, x in zip(bufs, (emit, valid, lp, stopped)))
-      return i + 1, st, win, bufs
+    def wide(carry):   # with compaction, the all-row loop ends once at most half the rows decode
+      go = more(carry)
+      return go & (jnp.sum(carry[1].active.astype(jnp.int32)) * 2 > b) if compact else go
 
-    n, st, win, bufs = jax.lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
+    def body(cols):
+      def run(carry):
+        i, st, win, bufs = carry
+        st, win, (emit, valid, _, lp, stopped) = self._step(params, st, win, window - offset,
+                                                            layers, shared)
+        bufs = tuple(buf.at[i, cols].set(x) for buf, x in zip(bufs, (emit, valid, lp, stopped)))
+        return i + 1, st, win, bufs
+      return run
+
+    carry = jax.lax.while_loop(
+        wide, body(slice(None)), (jnp.zeros((), jnp.int32), state.replace(cache=None), win, bufs))
+    if compact:
+      # The stragglers (<= b/2 rows; inactive rows pad, they neither write nor change) go on in a
+      # half-width loop: a turn's tail of a few long answers stops costing a full batch per step.
+      def narrow(carry):
+        i, st, win, bufs = carry
+        idx = jnp.argsort(~st.active, stable=True)[:b // 2]
+        sub = jax.tree_util.tree_map(lambda x: x[idx], (st, win))
+        i, sub_st, sub_win, bufs = jax.lax.while_loop(more, body(idx), (i, *sub, bufs))
+        st, win = jax.tree_util.tree_map(lambda f, x: f.at[idx].set(x), (st, win),
+                                         (sub_st, sub_win))
+        return i, st, win, bufs
+      carry = jax.lax.cond(more(carry), narrow, lambda c: c, carry)
+    n, st, win, bufs = carry
     cache = models.cache_put_window(full.cache, win, rows, start=offset)
     if rows is not None:
       st = jax.tree_util.tree_map(lambda f, x: f.at[rows].set(x), full.replace(cache=None), st)
@@ -397,7 +419,10 @@ class StepSearchEngine(engine_api.Engine):
     row, up to `max_steps` (default `steps`; one program per value), stops early when no row is
     active, and the host receives one small transfer:
     {'tokens', 'valid', 'logprobs', 'stopped'}, each [n, B] for the n steps that ran. When at
-    most half the slots are active, only their rows (padded to a power of two) are decoded.
+    most half the slots are active, only their rows (padded to a power of two) are decoded; and
+    once at most half of a block's rows are still active, the block goes on with those rows only
+    (a half-width loop in the same program), so a turn's few long answers do not cost a full batch
+    per step.
 
     shared=(slot, length): the caller guarantees that every active slot holds the same first
     `length` tokens as `slot` (a prompt prefix shared through `copy_prefix`). Attention then reads
