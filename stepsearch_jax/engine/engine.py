@@ -398,7 +398,12 @@ class StepSearchEngine(engine_api.Engine):
     two >= 16. Drivers use it to price a batching plan."""
     longest = max(lengths)
     width = next((b for b in sorted(buckets) if b >= longest), _pow2_at_least(max(longest, 16)))
-    return min(_pow2_at_least(len(lengths)), self.num_slots), width
+    return self._padded_rows(len(lengths)), width
+
+  def _padded_rows(self, n: int) -> int:
+    """Rows a call over `n` slots is padded to (`append`, `copy_prefix`): a power of two, at
+    most every slot, so few programs compile and little idle compute runs."""
+    return min(_pow2_at_least(n), self.num_slots)
 
   def window_for(self, need: int) -> int:
     """The cache window (a multiple of 128, or cache_len) that holds `need` slots.
@@ -592,7 +597,7 @@ class StepSearchEngine(engine_api.Engine):
     for s in [src] + dsts:
       if not 0 <= s < self.num_slots:
         raise ValueError(f"copy_prefix: slot {s} outside 0..{self.num_slots - 1}")
-    rows = min(_pow2_at_least(len(dsts)), self.num_slots)
+    rows = self._padded_rows(len(dsts))
     dst = np.asarray(dsts + [dsts[0]] * (rows - len(dsts)), np.int32)
     return self._copy_prefix_jit(decode_state, jnp.asarray(src, jnp.int32), jnp.asarray(dst),
                                  self.window_for(length))
