@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from stepsearch_jax import models  # noqa: E402
 from stepsearch_jax.data.wordlevel import train_wordlevel  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
+from stepsearch_jax.rollout.schedule import decode_rows  # noqa: E402
 
 TEXTS = ["who is the mother of alice ? <search> mother of alice </search> <information> Doc 1 "
          "</information> <answer> bob </answer> the cat sat on the mat and the dog ran away"] * 2
@@ -150,7 +151,8 @@ def test_decode_block_reading_a_shared_prefix_once_equals_reading_every_row(setu
     outs, lps = [[] for _ in range(4)], [[] for _ in range(4)]
     while True:
       state, out = eng.decode_block(eng.params, state, 4, 8,
-                                    shared=(slots[0], len(common)) if shared else None)
+                                    shared=(slots[0], len(common)) if shared else None,
+                                    rows=decode_rows(np.isin(np.arange(4), slots)))
       for s in range(4):
         v = out["valid"][:, s]
         outs[s] += out["tokens"][v, s].tolist()

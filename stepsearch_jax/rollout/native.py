@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
+from stepsearch_jax.rollout import schedule
 from stepsearch_jax.rollout.loop import Episode, LoopConfig
 
 
@@ -56,42 +57,6 @@ def _timed_search(retriever: Any, queries: list[str], topk: int):
   t0 = time.perf_counter()
   out = retriever.search(queries, topk=topk)
   return out, time.perf_counter() - t0
-
-
-def _plan_appends(lengths: Sequence[int], shape) -> list[list[int]]:
-  """Split append rows into calls: one batched call unless per-width calls pad far less.
-
-  `shape(lengths)` is the engine's padded (rows, width) of one call (`engine.append_shape`); a
-  call costs ~ rows x width. Most flushes are a handful of observations of similar length,
-  which go in together.
-  """
-  def cost(idx: list[int]) -> int:
-    rows, width = shape([lengths[i] for i in idx])
-    return rows * width
-
-  everything = list(range(len(lengths)))
-  groups: dict[int, list[int]] = collections.defaultdict(list)
-  for i, n in enumerate(lengths):
-    groups[shape([n])[1]].append(i)
-  split = list(groups.values())
-  overhead = 64                       # per-call dispatch + cache window copy, in padded tokens
-  if sum(cost(g) + overhead for g in split) < cost(everything) + overhead:
-    return split
-  return [everything]
-
-
-MIN_SHARED_PREFIX = 32   # shorter common prefixes are not worth an extra prefill call and copy
-
-
-def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-  first = rows[0]
-  n = min(len(r) for r in rows)
-  for r in rows[1:]:
-    i = 0
-    while i < n and r[i] == first[i]:
-      i += 1
-    n = i
-  return n
 
 
 def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever: Any,
@@ -144,7 +109,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     if share_prefix:
       state = shared_prefix(state, slots, eps, toks, starts)
     # Prompts (at 0) and tool results (at each slot's length) of all slots go in together.
-    for idx in _plan_appends([len(t) for t in toks],
+    for idx in schedule.plan_appends([len(t) for t in toks],
                              lambda ls: engine.append_shape(ls, buckets)):
       state = engine.append(state, [slots[i] for i in idx], [toks[i] for i in idx],
                             [starts[i] for i in idx], params=params,
@@ -168,12 +133,9 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     place to append only their own suffix after the copied prefix.
     """
     fresh = [i for i, st in enumerate(starts) if st == 0]
-    if len(fresh) < 2:
-      return state
     rows = [toks[i] for i in fresh]
-    # keep >= 1 token per row to append: its last token's logits sample the first response token
-    n = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1)
-    if n < MIN_SHARED_PREFIX:
+    n = schedule.shared_prefix_len(rows)
+    if not n:
       return state
     src = slots[fresh[0]]
     state = engine.append(state, [src], [rows[0][:n]], [0], params=params, sampling=sampling,
@@ -237,7 +199,8 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
       live = np.flatnonzero(decoding)
       groups = {slot_prefix[s] for s in live}
       shared = (int(live[0]), groups.pop()[1]) if len(groups) == 1 and None not in groups else None
-      state, out = engine.decode_block(params, state, decode_steps, max_decode_steps, shared)
+      state, out = engine.decode_block(params, state, decode_steps, max_decode_steps, shared,
+                                       rows=schedule.decode_rows(decoding))
       t1 = time.perf_counter()
       stats["decode_call_s"] += t1 - t0
       stats["steps"] += len(out["tokens"])
