@@ -128,7 +128,7 @@ class Trainer:
     if self.main_process:
       drop_lost_metrics(os.path.join(workdir, "metrics.jsonl"), self.start_step)
     self.engine = workspace.engine_for(cfg, self.model_config, self.learner.policy_params,
-                                       self.ws.tokenizer)
+                                       self.ws.tokenizer, mesh=self.mesh)
     self.ws.timings["model_init_s"] = time.time() - t0
     self.writer = metrics.MetricsWriter(workdir, enabled=self.main_process)
 

@@ -221,14 +221,20 @@ def open_workspace(cfg, workdir: str) -> Workspace:
 
 
 def engine_for(cfg, config, params, tokenizer, mesh=None):
-  """A StepSearchEngine sized from config.rollout (cache holds a context plus one turn)."""
+  """A StepSearchEngine on `mesh` (default: config.mesh over every device) sized from
+  config.rollout: the cache holds a context plus one turn; slots are rounded up to a multiple of
+  the mesh's data*fsdp size, over which they are sharded."""
   from stepsearch_jax.engine.engine import StepSearchEngine
+  from stepsearch_jax.models import sharding
+  mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   r = cfg.rollout
   prefill = 16
   while prefill < r.max_context:
     prefill *= 2
   cache_len = prefill + r.max_tokens_per_turn + r.max_obs_tokens
   slots = min(r.num_slots, max(cfg.data.batch_size * r.n, cfg.data.val_batch_size))
+  shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+  slots = -(-slots // shards) * shards
   return StepSearchEngine(config, params, tokenizer, num_slots=slots, cache_len=cache_len,
                           max_prefill_length=prefill, seed=cfg.seed, mesh=mesh)
 

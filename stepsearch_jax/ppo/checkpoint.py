@@ -27,13 +27,24 @@ class FingerprintMismatchError(ValueError):
   """The checkpoint was written against a different retrieval index (or corpus)."""
 
 
+@jax.jit
+def _all_finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def is_finite(tree: Any) -> bool:
-  """True when every floating-point leaf of `tree` is free of NaN and inf (one device reduction)."""
+  """True when every floating-point leaf of `tree` is free of NaN and inf.
+
+  One program for the whole tree: per-leaf eager reductions over a sharded state are one
+  collective program each, and many of them in flight deadlocked XLA:CPU's in-process
+  all-reduce on a 2-core machine (threads of one device waiting for the other's).
+  """
   leaves = [x for x in jax.tree.leaves(tree)
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
   if not leaves:
     return True
-  return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+  out = _all_finite(leaves)
+  return bool(np.asarray(out.addressable_data(0)) if hasattr(out, "addressable_data") else out)
 
 
 def rng_to_json(key: jax.Array) -> list:
