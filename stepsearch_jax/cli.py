@@ -46,6 +46,13 @@ def run(main):
   app.run(quiet_main, flags_parser=parse_flags)
 
 
+def config_source() -> tuple[str, str | None]:
+  """(file, arg) of `--config FILE.py[:arg]`."""
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  path, _, arg = spec.partition(":")
+  return path, arg or None
+
+
 def load():
   """Return the validated config given on the command line; exits naming the bad key."""
   cfg = _CONFIG.value

@@ -220,6 +220,14 @@ def open_workspace(cfg, workdir: str) -> Workspace:
   return ws
 
 
+def prefill_length(cfg) -> int:
+  """The engine's longest prefill: a power of two >= 16 holding rollout.max_context."""
+  n = 16
+  while n < cfg.rollout.max_context:
+    n *= 2
+  return n
+
+
 def engine_for(cfg, config, params, tokenizer, mesh=None):
   """A StepSearchEngine on `mesh` (default: config.mesh over every device) sized from
   config.rollout: the cache holds a context plus one turn; slots are rounded up to a multiple of
@@ -228,9 +236,7 @@ def engine_for(cfg, config, params, tokenizer, mesh=None):
   from stepsearch_jax.models import sharding
   mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   r = cfg.rollout
-  prefill = 16
-  while prefill < r.max_context:
-    prefill *= 2
+  prefill = prefill_length(cfg)
   cache_len = prefill + r.max_tokens_per_turn + r.max_obs_tokens
   slots = min(r.num_slots, max(cfg.data.batch_size * r.n, cfg.data.val_batch_size))
   shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -58,15 +59,15 @@ class Learner:
     cri_sh = (param_shardings(self.critic_config, critic_params, mesh)
               if critic_params is not None else None)
     self.ref_params = (jax.device_put(ref_params, pol_sh) if ref_params is not None else None)
-    # Copies (may_alias=False): the update donates its state, and the caller may still hold these
-    # params (e.g. the rollout engine).
-    policy_params = jax.device_put(policy_params, pol_sh, may_alias=False)
+    # Owned copies: the update donates its state, and the caller may still hold these params
+    # (e.g. the rollout engine, or `ref_params` when they are the same weights).
+    policy_params = _owned(policy_params, pol_sh)
     state = {"policy": policy_params,
              "policy_opt": self._init_opt(self.actor_tx, policy_params, pol_sh),
              "critic": None, "critic_opt": None,
              "step": jax.device_put(np.zeros((), np.int32), self.replicated)}
     if critic_params is not None:
-      critic_params = jax.device_put(critic_params, cri_sh, may_alias=False)
+      critic_params = _owned(critic_params, cri_sh)
       state["critic"] = critic_params
       state["critic_opt"] = self._init_opt(self.critic_tx, critic_params, cri_sh)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -184,7 +185,19 @@ class Learner:
     if jax.tree.structure(state) != jax.tree.structure(self.state):
       raise ValueError("restored learner state does not match this learner's state structure "
                        "(different algorithm / critic?)")
-    self.state = jax.device_put(state, self.state_shardings, may_alias=False)
+    self.state = _owned(state, self.state_shardings)
+
+
+def _owned(tree, shardings):
+  """`tree` on `shardings` in buffers nobody else holds.
+
+  `jax.device_put(..., may_alias=False)` is not enough: resharding a one-device array onto a
+  mesh where a leaf is replicated (e.g. a bias on fsdp=2) kept device 0's buffer shared with
+  the source, so a donating update deleted the reference model's copy (step 2 then crashed
+  with "buffer has been deleted or donated"). A jitted copy's outputs never alias its inputs.
+  """
+  placed = jax.device_put(tree, shardings)
+  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
 
 
 def make_learner(cfg, policy_params, critic_params, ref_params, mesh: Mesh, *, policy_config,
