@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 60                 # validation with greedy rollouts; 0 disables
   c.save_every = 60                 # checkpoint period in steps
   c.keep_checkpoints = 3
+  c.preempt_deadline_s = 25.0       # SIGTERM (spot/preemptible VMs): save and exit within this
   c.eval_before_train = False
   c.curves_png = True               # plot metrics.jsonl into DIR/curves.png at the end
 
@@ -198,6 +199,8 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Write the resolved config as JSON (machine-readable) into the workdir; returns the path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
+  tmp = f"{path}.{os.getpid()}.tmp"     # atomic: every process of a multi-host run writes it
+  with open(tmp, "w") as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=list)
+  os.replace(tmp, path)
   return path

@@ -142,6 +142,25 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   return _STATE["index"], _STATE["count"]
 
 
+def main_first(name: str, fn):
+  """Run `fn` on process 0, then (after a barrier) on the others, and return its result.
+
+  For set-up steps that write into the shared workdir what every process then reuses (world
+  files, tokenizer, index, warm-start weights): process 0 builds them, the others find them
+  built. One process: just `fn()`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    out = fn()
+    multihost_utils.sync_global_devices(f"stepsearch:{name}")
+    return out
+  multihost_utils.sync_global_devices(f"stepsearch:{name}")
+  return fn()
+
+
 def _check() -> dict:
   """Initialize, then all-gather (index + 1) from every process; the sum proves the wiring."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -72,10 +72,14 @@ class Trainer:
 
   def __init__(self, cfg, workdir: str):
     from stepsearch_jax import distributed, workspace
+    from stepsearch_jax.preemption import Preemption
     self.cfg, self.workdir = cfg, workdir
+    self.preemption = Preemption(cfg.preempt_deadline_s)   # installed for the length of run()
     self.process_index, _ = distributed.maybe_initialize()
     self.main_process = self.process_index == 0
-    self.ws = workspace.open_workspace(cfg, workdir)
+    # Process 0 builds the world, tokenizer and index into the workdir; the others reuse them
+    # (each starts its own retrieval sidecar on loopback).
+    self.ws = distributed.main_first("workspace", lambda: workspace.open_workspace(cfg, workdir))
     print(f"retrieval: {self.ws.retriever.url} (index fingerprint {self.ws.fingerprint})",
           flush=True)
     try:
@@ -85,7 +89,7 @@ class Trainer:
       raise
 
   def _build(self, cfg, workdir: str) -> None:
-    from stepsearch_jax import models, ppo, workspace
+    from stepsearch_jax import distributed, models, ppo, workspace
     from stepsearch_jax.models import sharding
     from stepsearch_jax.rewards import RewardConfig
     self.key = jax.random.PRNGKey(cfg.seed)
@@ -100,12 +104,12 @@ class Trainer:
     t0 = time.time()
     self.model_config, params = workspace.init_policy(cfg, self.ws.tokenizer,
                                                       jax.random.fold_in(self.key, 1))
-    if not resuming:
-      params = workspace.warm_started_policy(cfg, self.ws, self.model_config, params)
-    elif cfg.sft.steps > 0:   # the reference model is the warm-started policy
-      params = workspace.warm_started_policy(cfg, self.ws, self.model_config, params)
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-      json.dump(self.model_config.to_hf(), f, indent=2)
+    # (resumed too: the reference model is the warm-started policy)
+    params = distributed.main_first("warm_start", lambda: workspace.warm_started_policy(
+        cfg, self.ws, self.model_config, params))
+    if self.main_process:
+      with open(os.path.join(workdir, "model_config.json"), "w") as f:
+        json.dump(self.model_config.to_hf(), f, indent=2)
     critic = None
     if self.algo.uses_critic:
       critic = models.init_value_params(self.model_config, jax.random.fold_in(self.key, 2),
@@ -146,7 +150,7 @@ class Trainer:
     from stepsearch_jax.evaluate import run_validation
     if not self.ws.val_records:
       return {}
-    out = os.path.join(self.workdir, "predictions", f"{tag}.jsonl")
+    out = os.path.join(self.workdir, "predictions", f"{tag}.jsonl") if self.main_process else None
     summary = run_validation(self.engine, self.ws.val_records, self.cfg, self.ws.retriever,
                              jax.random.fold_in(self.key, 10_000_000 + step), out, step)
     self.writer.write(step, {"val/em": summary["em"], "val/f1": summary["f1"],
@@ -162,6 +166,7 @@ class Trainer:
     from stepsearch_jax.rewards import score, token_rewards
     from stepsearch_jax.rollout.driver import rollout
     cfg, times = self.cfg, {}
+    self.preemption.abandonable(True)     # until the update, SIGTERM may drop this step
     records, position = batch_records(self.ws.train_records, step, cfg.data.batch_size, cfg.seed,
                                       cfg.data.shuffle)
     t = time.time()
@@ -183,6 +188,7 @@ class Trainer:
     batch, adv = self.learner.advantages(batch)
     jax.block_until_ready(batch)
     times["time/logprobs_values_s"] = time.time() - t
+    self.preemption.abandonable(False)    # the update changes the learner state: finish the step
     t = time.time()
     upd = self.learner.update(batch)
     times["time/update_s"] = time.time() - t
@@ -222,6 +228,14 @@ class Trainer:
                    finite=ppo.is_finite(self.learner.state))
 
   def run(self) -> dict:
+    from stepsearch_jax.preemption import Preemption
+    self.preemption = Preemption(self.cfg.preempt_deadline_s,
+                                 multi_process=jax.process_count() > 1)
+    with self.preemption:
+      return self._run()
+
+  def _run(self) -> dict:
+    from stepsearch_jax.preemption import Preempted
     cfg = self.cfg
     results = {}
     if cfg.eval_before_train and self.start_step == 0:
@@ -233,7 +247,10 @@ class Trainer:
     m = {}
     for step in bar:
       t0 = time.time()
-      m = self.step(step)
+      try:
+        m = self.step(step)
+      except Preempted:
+        self.stop_preempted(step)          # the step was dropped: `step` is the last finished one
       m["time/step_s"] = time.time() - t0
       done = step + 1
       self.writer.write(done, m)
@@ -241,12 +258,30 @@ class Trainer:
                       pg=f"{m.get('pg_loss', 0):.3f}")
       if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.total_steps):
         self.save(done, m["data/position"])
+      if self.preemption.agreed():
+        self.stop_preempted(done)
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.total_steps:
         self.validate(done, f"step_{done}")
     self.ckpt.wait()
     if cfg.eval_every or cfg.eval_before_train:
       results["after"] = self.validate(cfg.total_steps, f"step_{cfg.total_steps}")
     return results
+
+  def stop_preempted(self, step: int) -> None:
+    """Save `step` (the last finished one) unless it is saved already, then exit (SIGTERM)."""
+    from stepsearch_jax.preemption import EXIT_CODE
+    pre = self.preemption
+    if step > 0 and self.ckpt.latest_step() != step:
+      self.save(step, step * self.cfg.data.batch_size)
+    self.ckpt.wait()
+    spent = pre.deadline_s - pre.left_s()
+    line = (f"preempted: step {self.ckpt.latest_step()} is saved in {self.ckpt.directory} "
+            f"({spent:.1f} s after SIGTERM, deadline {pre.deadline_s:.0f} s); rerun the same "
+            "command to resume")
+    if pre.left_s() < 0:
+      logging.warning("preemption save ran past config.preempt_deadline_s=%s", pre.deadline_s)
+    print(line, flush=True)
+    raise SystemExit(EXIT_CODE)
 
   def close(self) -> None:
     self.ckpt.close()

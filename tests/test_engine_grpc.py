@@ -101,3 +101,61 @@ def test_serve_cli_on_loopback(model, tmp_path):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["qwen2-untied", "qwen2-tied", "llama"])
+def test_grpc_greedy_equals_transformers(tmp_path, kind):
+  """JetStream's gRPC client against our server gets transformers' greedy tokens, for Qwen2
+  (attention bias; tied and untied embeddings) and Llama (the issue: later tokens differed for
+  Qwen2 with bias and untied embeddings while the first was right)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  tok = train_wordlevel(TEXTS, str(tmp_path / "hf"))
+  torch.manual_seed(0)
+  common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  if kind == "llama":
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(head_dim=16,
+                                                                tie_word_embeddings=False, **common))
+  else:
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        tie_word_embeddings=kind == "qwen2-tied", **common))
+  with torch.no_grad():   # random biases (HF initialises them at 0), so the bias path matters
+    for name, p in hf.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.2)
+  hf.eval().save_pretrained(tmp_path / "hf")
+  prompts = [tok.encode(t, add_special_tokens=False)
+             for t in ["who is the mother of alice ?", "the cat sat on the mat and",
+                       "bob sat on the mat"]]
+  stops = set(tok.convert_tokens_to_ids(["</search>", "</answer>"]))
+  want = []
+  for ids in prompts:
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        do_sample=False, max_new_tokens=10, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.eos_token_id)
+    ids_out = [t for t in out[0, len(ids):].tolist() if t != tok.eos_token_id]
+    # the server stops on </search> and </answer> (emitted, then the request ends)
+    cut = next((i + 1 for i, t in enumerate(ids_out) if t in stops), len(ids_out))
+    want.append(ids_out[:cut])
+  port = portpicker.pick_unused_port()
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "stepsearch_jax.serve", f"--config={ROOT}/configs/demo.py",
+         f"--hf={tmp_path / 'hf'}", f"--port={port}", "--slots=2",
+         "--config.rollout.max_context=128", "--config.rollout.max_tokens_per_turn=10"]
+  log = open(tmp_path / "serve.log", "w+")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+  try:
+    deadline = time.time() + 120
+    while "serving on" not in open(tmp_path / "serve.log").read():
+      assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+      assert time.time() < deadline, "server did not start"
+      time.sleep(0.5)
+    got = [_decode(port, ids, 10) for ids in prompts]
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+  assert all(len(w) > 1 for w in want)
+  assert got == want, (got, want)

@@ -77,6 +77,42 @@ def test_sigkill_mid_step_resumes_from_last_checkpoint_and_matches(train_runs, t
 
 
 @pytest.mark.slow
+def test_sigterm_mid_step_saves_the_last_finished_step_and_resumes(train_runs, train_reference):
+  """Spot/preemptible VMs get SIGTERM ~30 s before they go. With no periodic checkpoint
+  (save_every=100), SIGTERM during step 2 makes the trainer save step 1 (the last finished
+  one) itself and exit 143 well within the deadline; the rerun resumes there and its step 2
+  equals the uninterrupted run's."""
+  import signal
+  import time
+  wd = train_runs.root / "sigterm"
+  proc = train_runs.spawn(wd, ["--config.total_steps=3", "--config.save_every=100",
+                               "--config.preempt_deadline_s=20"])
+  try:
+    train_runs.wait_for(lambda: 1 in [r["step"] for r in train_runs.read_metrics(wd)]
+                        if (wd / "metrics.jsonl").exists() else False, 300,
+                        "step 1 to finish", proc)
+    assert train_runs.committed_steps(wd) == []
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    took = time.time() - t0
+  finally:
+    if proc.poll() is None:
+      train_runs.kill_tree(proc)
+  log = proc.log_path.read_text()
+  assert proc.returncode == 143, log[-3000:]
+  assert "Traceback" not in log, log[-3000:]
+  assert took < 20, took
+  assert train_runs.committed_steps(wd) == [1], log[-3000:]
+  assert "preempted: step 1 is saved" in log
+  again = train_runs.run(wd, ["--config.total_steps=2"])
+  assert "resumed from step 1" in again.stdout
+  got, want = train_runs.load_state(wd, 2), train_runs.load_state(train_reference["workdir"], 2)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_without_writing_a_poisoned_checkpoint(train_runs, train_base):
   """actor_lr=1e30: step 1 (lr 0 in warm-up) is fine, step 2's update blows the weights up and
   step 3's loss is NaN. The run must stop there with a clear message and no step-3 checkpoint;

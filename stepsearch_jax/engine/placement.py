@@ -73,22 +73,12 @@ class Placement:
 
   def params(self, params: Any) -> Any:
     """`params` on the learner's shardings (host arrays are placed, device arrays re-placed)."""
-    shardings = sharding_lib.param_shardings(self.config, params, self.mesh)
-    return jax.tree.map(self.put, params, shardings)
+    return sharding_lib.put_global(params,
+                                   sharding_lib.param_shardings(self.config, params, self.mesh))
 
   def put(self, x: Any, sharding: NamedSharding | None = None) -> jax.Array:
-    """A host value (the same on every process) or a device array as a global array."""
-    sharding = sharding or self.replicated
-    if isinstance(x, jax.Array):
-      if x.sharding == sharding:
-        return x
-      if x.is_fully_addressable or sharding.is_fully_addressable:
-        return jax.device_put(x, sharding)
-      x = np.asarray(x)
-    x = np.asarray(x)
-    if sharding.is_fully_addressable:
-      return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    """A host value (the same on every process) as a global array (default: replicated)."""
+    return sharding_lib.put_global(x, sharding or self.replicated)
 
   @staticmethod
   def host(tree: Any) -> Any:

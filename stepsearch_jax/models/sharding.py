@@ -115,6 +115,26 @@ def param_shardings(config, params_or_shapes: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, axes, params_or_shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Place host values or device arrays onto (possibly multi-process) shardings.
+
+  Every process passes the same values (as every process of a multi-controller run computes
+  them): where a sharding spans devices of other processes, each process builds its own shards
+  from its copy (`jax.make_array_from_callback`); `jax.device_put` cannot move a local array
+  onto devices it cannot address.
+  """
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if sharding.is_fully_addressable and (not isinstance(x, jax.Array) or x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda a: a, out_shardings=sharding)(x)    # reshard across processes
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
 def shard_params(params: Any, mesh: Mesh, config) -> Any:
   """Place (or re-place) params onto their NamedShardings."""
   return jax.device_put(params, param_shardings(config, params, mesh))

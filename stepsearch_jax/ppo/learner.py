@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stepsearch_jax.models.sharding import logical_sharding, param_shardings
+from stepsearch_jax.models.sharding import logical_sharding, param_shardings, put_global
 from stepsearch_jax.ppo import algorithms, batch as batch_lib
 from stepsearch_jax.ppo.logprobs import make_prepare_fn
 from stepsearch_jax.ppo.update import (UpdateParams, make_optimizer, make_update_fn,
@@ -58,14 +58,14 @@ class Learner:
     pol_sh = param_shardings(policy_config, policy_params, mesh)
     cri_sh = (param_shardings(self.critic_config, critic_params, mesh)
               if critic_params is not None else None)
-    self.ref_params = (jax.device_put(ref_params, pol_sh) if ref_params is not None else None)
+    self.ref_params = put_global(ref_params, pol_sh) if ref_params is not None else None
     # Owned copies: the update donates its state, and the caller may still hold these params
     # (e.g. the rollout engine, or `ref_params` when they are the same weights).
     policy_params = _owned(policy_params, pol_sh)
     state = {"policy": policy_params,
              "policy_opt": self._init_opt(self.actor_tx, policy_params, pol_sh),
              "critic": None, "critic_opt": None,
-             "step": jax.device_put(np.zeros((), np.int32), self.replicated)}
+             "step": put_global(np.zeros((), np.int32), self.replicated)}
     if critic_params is not None:
       critic_params = _owned(critic_params, cri_sh)
       state["critic"] = critic_params
@@ -97,7 +97,7 @@ class Learner:
     if B % self.mini:
       raise ValueError(f"batch of {B} rows is not a multiple of config.algo.mini_batch={self.mini}")
     stacked = batch_lib.stack_micro(jax.tree.map(np.asarray, batch), self.micro)
-    return jax.device_put(stacked, self.batch_shardings(stacked))
+    return put_global(stacked, self.batch_shardings(stacked))
 
   # ----------------------------------------------------------------------------------- public API
   def make_batch(self, trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
@@ -196,7 +196,7 @@ def _owned(tree, shardings):
   the source, so a donating update deleted the reference model's copy (step 2 then crashed
   with "buffer has been deleted or donated"). A jitted copy's outputs never alias its inputs.
   """
-  placed = jax.device_put(tree, shardings)
+  placed = put_global(tree, shardings)
   return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(placed)
 
 

@@ -60,6 +60,9 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
                        max_decode_steps=int(rollout_cfg.get("max_decode_steps_per_call", 64)),
                        share_prefix=bool(rollout_cfg.get("share_prefix", True)))
   elif driver == "jetstream":
+    if jax.process_count() > 1:
+      raise ValueError("config.rollout.driver='jetstream' runs on one process (its orchestrator "
+                       "threads decide by timing); use driver='native' on several hosts")
     from stepsearch_jax.rollout.jetstream_driver import run_jetstream
     stats = run_jetstream(engine, episodes, retriever, sampling, cfg,
                           score_logprobs=score_logprobs)

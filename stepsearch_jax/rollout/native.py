@@ -30,6 +30,12 @@ Concurrency model (one main thread + one retrieval worker thread; no other threa
    while a request is in flight form the next batch.
 5. If no slot is decoding and nothing is left to prefill, the main thread blocks on the in-flight
    retrieval (or exits when every episode is done).
+6. Several processes (multi-controller): every process runs this loop over the same episodes and
+   must issue the same device programs in the same order, so nothing may depend on timing. The
+   decode outputs are replicated (every process reads the same tokens) and each process queries
+   its own sidecar over the same index (the same results); the one timing-dependent choice, when
+   an in-flight retrieval is taken in, is fixed: at the first loop iteration after it was sent
+   (one decode block still overlaps it), waiting for it if need be.
 
 Stats returned: decode_s (wall time of engine calls and host token handling), retrieval_s (time
 the worker spent in retrieval requests), retrieval_wait_s (time the main thread was blocked on
@@ -89,6 +95,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
   # every decoding slot has the same one, decode blocks read that prefix once for all rows.
   slot_prefix: list[tuple[int, int] | None] = [None] * nslots
   state = engine.init_decode_state()
+  lockstep = jax.process_count() > 1     # see 6. in the module docstring
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrieval")
   t_start = time.perf_counter()
 
@@ -167,7 +174,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
         if slot_ep[s] is None and waiting:
           slot_ep[s] = waiting.popleft()
           to_prefill.append(s)
-      if inflight is not None and inflight[0].done():
+      if inflight is not None and (lockstep or inflight[0].done()):
         results, dt = inflight[0].result()
         stats["retrieval_s"] += dt
         for s, res in zip(inflight[1], results):
