@@ -84,14 +84,13 @@ def main(argv) -> None:
   from stepsearch_jax import cli
   cfg = cli.load()
   mconfig, params, tok = _load_policy(cfg)
+  from stepsearch_jax import workspace
   r = cfg.rollout
-  prefill = 1 << max(4, (int(r.max_context) - 1).bit_length())
   sampling = (SamplingParams(float(_TEMP.value), float(r.top_p), int(r.top_k))
               if _TEMP.value > 0 else SamplingParams.greedy())
-  engine = StepSearchEngine(mconfig, params, tok, num_slots=_SLOTS.value or int(r.num_slots),
-                            cache_len=prefill + int(r.max_tokens_per_turn) + 1,
-                            max_prefill_length=prefill, default_sampling=sampling,
-                            max_tokens=int(r.max_tokens_per_turn), seed=int(cfg.seed))
+  engine = workspace.engine_for(cfg, mconfig, params, tok,
+                                num_slots=_SLOTS.value or int(r.num_slots),
+                                default_sampling=sampling, max_tokens=int(r.max_tokens_per_turn))
   server = start_server(engine, _PORT.value)
   logging.info("JetStream server on %s:%d", LOOPBACK, _PORT.value)
   print(f"serving on {LOOPBACK}:{_PORT.value}", flush=True)

@@ -228,21 +228,24 @@ def prefill_length(cfg) -> int:
   return n
 
 
-def engine_for(cfg, config, params, tokenizer, mesh=None):
+def engine_for(cfg, config, params, tokenizer, mesh=None, num_slots: int | None = None,
+               **engine_kw):
   """A StepSearchEngine on `mesh` (default: config.mesh over every device) sized from
-  config.rollout: the cache holds a context plus one turn; slots are rounded up to a multiple of
-  the mesh's data*fsdp size, over which they are sharded."""
+  config.rollout: the cache holds a context plus one turn; slots (default: what a training step
+  or a validation batch needs, at most rollout.num_slots) are rounded up to a multiple of the
+  mesh's data*fsdp size, over which they are sharded. `engine_kw` go to the engine (serving's
+  default sampling and token cap)."""
   from stepsearch_jax.engine.engine import StepSearchEngine
   from stepsearch_jax.models import sharding
   mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   r = cfg.rollout
   prefill = prefill_length(cfg)
   cache_len = prefill + r.max_tokens_per_turn + r.max_obs_tokens
-  slots = min(r.num_slots, max(cfg.data.batch_size * r.n, cfg.data.val_batch_size))
+  slots = num_slots or min(r.num_slots, max(cfg.data.batch_size * r.n, cfg.data.val_batch_size))
   shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
   slots = -(-slots // shards) * shards
   return StepSearchEngine(config, params, tokenizer, num_slots=slots, cache_len=cache_len,
-                          max_prefill_length=prefill, seed=cfg.seed, mesh=mesh)
+                          max_prefill_length=prefill, seed=cfg.seed, mesh=mesh, **engine_kw)
 
 
 def new_key(seed: int):

@@ -39,7 +39,7 @@ from stepsearch_jax.models import sharding as sharding_lib
 
 def default_mesh() -> Mesh:
   """One device, with the (data, fsdp, tensor) axes every rule refers to."""
-  return sharding_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  return sharding_lib.make_mesh((1, 1, 1), jax.local_devices()[:1])
 
 
 class Placement:

@@ -194,7 +194,7 @@ def load_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = 
   files = CheckpointFiles(path)
   shapes = decoder.param_shapes(config)
   if mesh is None:
-    shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+    shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
   else:
     shardings = param_shardings(config, shapes, mesh)
   pdt = config.weight_dtype

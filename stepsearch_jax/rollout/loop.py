@@ -130,6 +130,13 @@ class Episode:
     self.truncated_context = True            # True: prefill `context` from position 0
     self.query: str | None = None
 
+  def next_prefill(self, cache_len: int, margin: int = 16) -> tuple[list[int], int]:
+    """(tokens, cache position) to prefill before the next turn: the new tokens at the slot's
+    current length, or the whole (rolled) context from 0 when it was truncated or the append
+    (plus `margin` tokens of generation) would not fit a slot of `cache_len`."""
+    fresh = self.truncated_context or self.append_start + len(self.pending_ids) + margin > cache_len
+    return (list(self.context), 0) if fresh else (list(self.pending_ids), self.append_start)
+
   @property
   def final_turn(self) -> bool:
     return self.turn >= self.cfg.max_turns

@@ -104,10 +104,7 @@ def run_native(engine: StepSearchEngine, episodes: Sequence[Episode], retriever:
     t0 = time.perf_counter()
     slots = list(to_prefill)
     eps = [slot_ep[s] for s in slots]
-    fresh = [ep.truncated_context or ep.append_start + len(ep.pending_ids) + 16 > engine.cache_len
-             for ep in eps]
-    toks = [list(ep.context) if f else list(ep.pending_ids) for ep, f in zip(eps, fresh)]
-    starts = [0 if f else ep.append_start for ep, f in zip(eps, fresh)]
+    toks, starts = map(list, zip(*[ep.next_prefill(engine.cache_len) for ep in eps]))
     caps = [max(1, min(cfg.max_tokens_per_turn, engine.cache_len - 1 - st - len(t)))
             for st, t in zip(starts, toks)]
     for s, st in zip(slots, starts):
