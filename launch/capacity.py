@@ -244,15 +244,20 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("configs", nargs="+", help="configs/x.py or configs/x.py:target")
   p.add_argument("--tokens", type=int, help="tokens per trajectory (default rollout.max_context)")
   p.add_argument("--mfu", type=float, help="model FLOPs utilisation (default: measured, else 35%%)")
-  p.add_argument("--bench", default=str(ROOT / "bench" / "results" / "update.json"),
-                 help="bench JSON holding a measured MFU")
+  p.add_argument("--bench", default=str(ROOT / "bench" / "results" / "update_h200.json"),
+                 help="bench JSON holding a measured MFU (default: the H200 run)")
   args = p.parse_args(argv)
   if args.mfu:
     mfu, source = args.mfu, "given with --mfu"
   elif found := find_mfu(args.bench):
-    mfu, source = found[0], (f"measured by the PPO update benchmark ({found[1]}); that figure is "
-                             "relative to the measured peak of the machine it ran on (CPU float32 "
-                             "here), taken as the accelerator's MFU on paper")
+    with open(args.bench) as f:
+      info = json.load(f)
+    where = (f"{info.get('devices', '?')} {info.get('backend', '?')} device(s), "
+             f"{info.get('dtype', '?')}")
+    mfu, source = found[0], (f"measured by the PPO update benchmark ({found[1]}; {where}); that "
+                             "figure is relative to the measured peak matmul rate of the machine "
+                             "it ran on, one device and a 135M model, taken as the sharded "
+                             "model's MFU on paper")
   else:
     mfu, source = ASSUMED_MFU, ("ASSUMED (no measured MFU: bench/results/update.json is absent); "
                                 "typical of well-sharded bf16 training")

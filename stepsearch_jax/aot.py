@@ -218,6 +218,10 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
   placement = placement_lib.Placement(mesh, mc, slots, cache_len, spec.stop_width)
   progs = programs_lib.Programs(spec, placement)
   dstate = _abstract(jax.eval_shape(lambda: programs_lib.init_state(spec)), placement.state)
+  # the engine's own weights: compute dtype, decode (tensor-parallel) shardings
+  engine_w = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, mc.compute_dtype,
+                                                             sharding=sh),
+                          pol, placement.param_shardings(pol))
 
   def rows_for(width: int, window: int) -> programs_lib.Rows:
     def a(shape, dtype):
@@ -235,10 +239,11 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
   obs_w = _bucket(int(r.max_obs_tokens), r.prefill_buckets)
   steps = int(r.max_decode_steps_per_call)
   blk = programs_lib.Block(n_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                           window=cache_len, steps=steps)
+                           window=cache_len, steps=steps,
+                           compact=placement.slot_shards == 1)
 
   # ---- analytic figures (per device)
-  weights = _bytes_per_device(policy)
+  weights = _bytes_per_device(engine_w)
   kv = _bytes_per_device(dstate.cache)
   p_pol = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pol))
   p_cri = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["critic"] or {}))
@@ -249,20 +254,20 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
   slots_per_chip = slots // shards
 
   return {
-      "prefill": (progs.append, (policy, dstate, rows_for(prompt_w, window_for(prompt_w))),
+      "prefill": (progs.append, (engine_w, dstate, rows_for(prompt_w, window_for(prompt_w))),
                   dict(note=f"{slots} slots x {prompt_w} prompt tokens",
                        flops_min=2 * p_pol * slots * prompt_w / chips,
-                       resident=train_state - weights)),
-      "append": (progs.append, (policy, dstate, rows_for(obs_w, cache_len)),
+                       resident=train_state)),
+      "append": (progs.append, (engine_w, dstate, rows_for(obs_w, cache_len)),
                  dict(note=f"{slots} slots x {obs_w} observation tokens at the cache end",
                       flops_min=2 * p_pol * slots * obs_w / chips,
-                      resident=train_state - weights)),
-      "decode": (progs.decode_block, (policy, dstate, blk),
+                      resident=train_state)),
+      "decode": (progs.decode_block, (engine_w, dstate, blk),
                  dict(note=f"{slots} slots, window {cache_len}, up to {steps} steps",
-                      bytes_min=weights + kv, resident=train_state - weights)),
-      "decode_step": (progs.generate, (policy, dstate),
+                      bytes_min=weights + kv, resident=train_state)),
+      "decode_step": (progs.generate, (engine_w, dstate),
                       dict(note=f"{slots} slots, window {cache_len}, one token each",
-                           bytes_min=weights + kv, resident=train_state - weights,
+                           bytes_min=weights + kv, resident=train_state,
                            slots_per_chip=slots_per_chip)),
       "logprobs_values": (prepare, (policy, ref, state["critic"], batch),
                           dict(note=f"{rows} trajectories x {total} tokens",
@@ -351,6 +356,10 @@ def markdown(report: dict) -> str:
         f"{'yes' if p['fits'] else '**no**'} | {p['flops'] / 1e9:.1f} | "
         f"{'' if fr is None else f'{fr:.2f}'} | {p['bytes_accessed'] / 1e9:.2f} | "
         f"{'' if br is None else f'{br:.2f}'} |")
+  lines += ["", "FLOPs and bytes are XLA's `cost_analysis()` per chip, which counts a loop body once "
+            "(the update's and the log-prob pass's layer scan and micro-batch loop, the decode "
+            "block's steps), so for those programs they are per iteration, not per call; the "
+            "analytic column is the whole call."]
   step = report["programs"].get("decode_step", {})
   if step.get("projected_tokens_per_s_per_chip"):
     lines += ["", f"Decode projected at the chip's HBM bandwidth: "

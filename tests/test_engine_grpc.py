@@ -1,5 +1,6 @@
 """JetStream's own gRPC client stub against our server streams the in-process engine's tokens."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,29 +79,36 @@ def test_grpc_stub_streams_engine_tokens(model):
   assert got == want
 
 
-def test_serve_cli_on_loopback(model, tmp_path):
-  """`python -m stepsearch_jax.serve --config ... --hf DIR --port N` answers the stub."""
-  tok, config, params, hf_dir = model
+@contextlib.contextmanager
+def _serve(hf_dir, log_path, max_tokens):
+  """`python -m stepsearch_jax.serve --config ... --hf DIR --port N` on loopback; yields the port."""
   port = portpicker.pick_unused_port()
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "stepsearch_jax.serve", f"--config={ROOT}/configs/demo.py",
          f"--hf={hf_dir}", f"--port={port}", "--slots=2", "--config.rollout.max_context=128",
-         "--config.rollout.max_tokens_per_turn=8"]
-  log = open(tmp_path / "serve.log", "w+")
+         f"--config.rollout.max_tokens_per_turn={max_tokens}"]
+  log = open(log_path, "w+")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   try:
     deadline = time.time() + 120
-    while "serving on" not in open(tmp_path / "serve.log").read():
-      assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+    while "serving on" not in open(log_path).read():
+      assert proc.poll() is None, open(log_path).read()[-3000:]
       assert time.time() < deadline, "server did not start"
       time.sleep(0.5)
+    yield port
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_serve_cli_on_loopback(model, tmp_path):
+  """`python -m stepsearch_jax.serve --config ... --hf DIR --port N` answers the stub."""
+  tok, config, params, hf_dir = model
+  with _serve(hf_dir, tmp_path / "serve.log", 8) as port:
     ids = tok.encode("the cat sat", add_special_tokens=False)
     engine = StepSearchEngine(config, params, tok, num_slots=2, cache_len=137,
                               max_prefill_length=128, max_tokens=8)
     assert _decode(port, ids, 8) == _in_process(engine, ids, 8)
-  finally:
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["qwen2-untied", "qwen2-tied", "llama"])
@@ -140,22 +148,7 @@ def test_grpc_greedy_equals_transformers(tmp_path, kind):
     # the server stops on </search> and </answer> (emitted, then the request ends)
     cut = next((i + 1 for i, t in enumerate(ids_out) if t in stops), len(ids_out))
     want.append(ids_out[:cut])
-  port = portpicker.pick_unused_port()
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "stepsearch_jax.serve", f"--config={ROOT}/configs/demo.py",
-         f"--hf={tmp_path / 'hf'}", f"--port={port}", "--slots=2",
-         "--config.rollout.max_context=128", "--config.rollout.max_tokens_per_turn=10"]
-  log = open(tmp_path / "serve.log", "w+")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-  try:
-    deadline = time.time() + 120
-    while "serving on" not in open(tmp_path / "serve.log").read():
-      assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
-      assert time.time() < deadline, "server did not start"
-      time.sleep(0.5)
+  with _serve(tmp_path / "hf", tmp_path / "serve.log", 10) as port:
     got = [_decode(port, ids, 10) for ids in prompts]
-  finally:
-    proc.terminate()
-    proc.wait(timeout=30)
   assert all(len(w) > 1 for w in want)
   assert got == want, (got, want)

@@ -105,6 +105,9 @@ class StepSearchEngine(engine_api.Engine):
     self.placement = placement_lib.Placement(self._mesh, config, self.num_slots, self.cache_len,
                                              self.spec.stop_width)
     self.programs = programs_lib.Programs(self.spec, self.placement)
+    # What swap_params accepts: the caller's tree, shapes and dtypes (the engine's own copy may
+    # be in the compute dtype).
+    self._param_struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     self.params = self.placement.params(params)
     self._request_counter = 0
     self._spare_state: DecodeState | None = None
@@ -219,7 +222,8 @@ class StepSearchEngine(engine_api.Engine):
     (a half-width loop in the same program).
 
     rows: decode only these slots (gathered, padded by repeats to a power of two; the caller's
-    straggler policy, `rollout.schedule.decode_rows`); default: every slot.
+    straggler policy, `rollout.schedule.decode_rows`); default: every slot. Ignored when the
+    slots are sharded over several devices (`Placement.slot_shards`).
     shared=(slot, length): the caller guarantees that every active slot holds the same first
     `length` tokens as `slot` (a prompt prefix shared through `copy_prefix`). Attention then reads
     those keys/values (rounded down to a multiple of SHARED_PREFIX_STEP) once for all rows instead
@@ -238,12 +242,13 @@ class StepSearchEngine(engine_api.Engine):
       offset = offset // SHARED_PREFIX_STEP * SHARED_PREFIX_STEP
       src = self._put(int(shared[0]), np.int32) if offset else None
     sel = None
-    if rows is not None:
+    gather = self.placement.slot_shards == 1        # see Placement.slot_shards
+    if rows is not None and gather:
       rows = [int(r) for r in rows] or [0]
       sel = np.asarray(rows + [rows[0]] * (_pow2_at_least(len(rows)) - len(rows)), np.int32)
     blk = Block(n_steps=self._put(n_steps, np.int32),
                 rows=None if sel is None else self._put(sel, np.int32), shared_src=src,
-                window=window, steps=max_steps, offset=offset)
+                window=window, steps=max_steps, offset=offset, compact=gather)
     state, n, bufs = self.programs.run("decode_block", params, decode_state, blk)
     n, bufs = self.placement.host((n, bufs))
     out = {}
@@ -288,16 +293,17 @@ class StepSearchEngine(engine_api.Engine):
   # ----------------------------------------------------------------------------- RL extras
   def swap_params(self, params: Any) -> None:
     """Use new weights from the next call on; same tree/shapes/dtypes, so nothing recompiles."""
-    old = jax.tree_util.tree_structure(self.params)
+    old = jax.tree_util.tree_structure(self._param_struct)
     new = jax.tree_util.tree_structure(params)
     if old != new:
       raise ValueError(f"swap_params: parameter tree differs from the engine's ({new} vs {old})")
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(self.params),
-                          jax.tree_util.tree_leaves(self.params), jax.tree_util.tree_leaves(params)):
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(self._param_struct),
+                          jax.tree_util.tree_leaves(self._param_struct),
+                          jax.tree_util.tree_leaves(params)):
       if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"swap_params: {jax.tree_util.keystr(path[0])} is {b.shape} {b.dtype}, "
                          f"the engine's is {a.shape} {a.dtype}")
-    # The placement's shardings (a jit cache key); the learner's params already have them.
+    # Onto the placement's shardings and dtype (a jit cache key): a reshard, no recompile.
     self.params = self.placement.params(params)
 
   def append(self, decode_state: DecodeState, slots: Sequence[int],

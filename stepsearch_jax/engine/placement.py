@@ -1,9 +1,13 @@
 """Where the engine's arrays live: one global mesh (all devices of all processes), as the learner.
 
 Placement model:
-  * params: the learner's shardings (`models.sharding.param_shardings`: embed over fsdp, heads /
-    mlp / vocab over tensor), so a weight push after an update is a no-op re-placement, never a
-    gather onto one device;
+  * params: the engine's own copy in the compute dtype (the model casts every weight to it at
+    use anyway, so this changes no result), tensor-parallel over every model-parallel device
+    (`DECODE_WEIGHT_RULES`: heads, MLP and vocab over fsdp x tensor, nothing over fsdp alone).
+    The learner's FSDP layout would make every decode step all-gather every layer's weights on
+    every chip (compiled for Qwen2.5-3B on v5e-16: 14 GiB of a 16 GiB chip for a decode block);
+    a weight push after an update is one reshard + cast instead. On one device it is the
+    learner's own arrays when the dtypes agree;
   * KV cache: slots over (data, fsdp), KV heads over tensor where they divide (1 KV head on
     tensor=2 is replicated over tensor, as in the model); a cache of 128 slots x 4096 tokens then
     costs each chip 1/(data*fsdp*tensor) of it instead of all of it;
@@ -55,6 +59,11 @@ class Placement:
       raise ValueError(f"num_slots={num_slots} is not a multiple of mesh data*fsdp={shards}: the "
                        "decode slots are sharded over those axes (round rollout.num_slots up)")
     self.config = config
+    # Slots per shard group: gathering a few rows (stragglers) out of a slot-sharded cache by a
+    # dynamic index has no local SPMD lowering (XLA all-gathers the whole cache window: 0.7 GiB
+    # per layer per chip for Qwen2.5-3B on v5e-16), so with slot_shards > 1 decode blocks run
+    # over every slot and never compact rows.
+    self.slot_shards = shards
     self.replicated = NamedSharding(mesh, PartitionSpec())
     slot = sharding_lib.logical_sharding(mesh, "batch", shape=(num_slots,))
     slot2 = sharding_lib.logical_sharding(mesh, "batch", None, shape=(num_slots, stop_width))
@@ -71,10 +80,18 @@ class Placement:
     self.prefix = Prefix(cache=sharding_lib.cache_sharding(mesh, one), token=rep, logprob=rep,
                          length=rep, max_new=rep, temperature=rep, top_p=rep, top_k=rep, key=rep)
 
+  def param_shardings(self, params: Any) -> Any:
+    return sharding_lib.param_shardings(self.config, params, self.mesh,
+                                        sharding_lib.DECODE_WEIGHT_RULES)
+
   def params(self, params: Any) -> Any:
-    """`params` on the learner's shardings (host arrays are placed, device arrays re-placed)."""
-    return sharding_lib.put_global(params,
-                                   sharding_lib.param_shardings(self.config, params, self.mesh))
+    """`params` as the engine holds them: compute dtype, decode shardings."""
+    dtype = self.config.compute_dtype
+    placed = sharding_lib.put_global(params, self.param_shardings(params))
+    if all(x.dtype == dtype for x in jax.tree.leaves(placed)):
+      return placed
+    return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t),
+                   out_shardings=self.param_shardings(params))(placed)
 
   def put(self, x: Any, sharding: NamedSharding | None = None) -> jax.Array:
     """A host value (the same on every process) as a global array (default: replicated)."""

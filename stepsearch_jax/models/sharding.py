@@ -29,6 +29,18 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 _RULES = dict(RULES)
 
+# The decode engine's weights: no FSDP (a decode step would all-gather every layer's weights on
+# every chip for a handful of tokens), but tensor parallelism over every model-parallel device:
+# heads, MLP and vocab split over fsdp x tensor, embed whole. Only the small per-token
+# activations move between chips. Activations and the KV cache keep RULES.
+DECODE_WEIGHT_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", None),
+    ("heads", ("fsdp", "tensor")),
+    ("kv_heads", "tensor"),
+    ("mlp", ("fsdp", "tensor")),
+    ("vocab", ("fsdp", "tensor")),
+)
+
 
 def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over (data, fsdp, tensor); one size may be -1 = all remaining devices."""
@@ -62,14 +74,17 @@ def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None 
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh_shape: dict[str, int] | None = None) -> PartitionSpec:
-  """PartitionSpec for logical names; with shapes, drops mesh axes that do not divide the dim."""
+                    mesh_shape: dict[str, int] | None = None,
+                    rules: Sequence[tuple[str, Any]] = ()) -> PartitionSpec:
+  """PartitionSpec for logical names; with shapes, drops mesh axes that do not divide the dim.
+  `rules` override entries of RULES (e.g. DECODE_WEIGHT_RULES)."""
+  table = {**_RULES, **dict(rules)}
   used: set[str] = set()
   spec = []
   for i, name in enumerate(logical_axes):
-    if name is not None and name not in _RULES:
-      raise ValueError(f"unknown logical axis {name!r}; known: {list(_RULES)}")
-    target = _RULES.get(name) if name is not None else None
+    if name is not None and name not in table:
+      raise ValueError(f"unknown logical axis {name!r}; known: {list(table)}")
+    target = table.get(name) if name is not None else None
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     kept = []
     for ax in axes:
@@ -104,14 +119,15 @@ def _value_model(tree: Any) -> bool:
   return isinstance(tree, dict) and set(tree.keys()) == {"trunk", "head"}
 
 
-def param_shardings(config, params_or_shapes: Any, mesh: Mesh) -> Any:
+def param_shardings(config, params_or_shapes: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = ()) -> Any:
   """Pytree of NamedSharding matching policy params or value params ({'trunk', 'head'})."""
   from stepsearch_jax.models import decoder  # avoid an import cycle
   axes = decoder.logical_axes(config, value=_value_model(params_or_shapes))
   mesh_shape = dict(mesh.shape)
 
   def one(names, leaf):
-    return NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh_shape))
+    return NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh_shape, rules))
   return jax.tree.map(one, axes, params_or_shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
