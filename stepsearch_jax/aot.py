@@ -92,7 +92,11 @@ def topology_mesh(sl: Slice, data: int, fsdp: int, tensor: int) -> Mesh:
   if data * fsdp * tensor != len(devices):
     raise ValueError(f"mesh data*fsdp*tensor = {data}x{fsdp}x{tensor} = {data * fsdp * tensor} "
                      f"does not match the {len(devices)} chips of {sl.name}")
-  grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
+  try:
+    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
+  except NotImplementedError:   # e.g. 16 x 2 on a 4x8 torus: split a physical axis
+    grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices,
+                                         allow_split_physical_axes=True)
   return Mesh(grid, ("data", "fsdp", "tensor"))
 
 

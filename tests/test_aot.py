@@ -60,6 +60,6 @@ def test_aot_report_for_a_small_tpu_slice(tmp_path):
   assert cache < step["bytes_min"] <= cache + params * 4          # + at most all the weights
   assert step["alias_bytes"] >= 0.9 * cache                      # the cache is donated, in place
   assert step["projected_tokens_per_s_per_chip"] > 0
-  # XLA's cost analysis counts a loop body once (the update's layer scan), so its FLOPs are
-  # below the analytic count; they are still a compiled, positive figure
-  assert 0 < progs["update"]["flops"] < progs["update"]["flops_min"]
+  # XLA's cost analysis counts a loop body once; this 2-layer, 1-micro-batch update is counted
+  # whole (measured 1.02x), so compiled and analytic FLOPs agree here (not for 36 scanned layers)
+  assert 0.5 < progs["update"]["flops_ratio"] < 1.5, progs["update"]
