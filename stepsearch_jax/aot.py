@@ -29,13 +29,18 @@ import re
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+# libtpu takes a machine-wide lock when its plugin loads, and any JAX process on a machine with
+# libtpu installed (a test runner, a trainer falling back to the CPU) may hold it; compiling for
+# a topology needs no TPU, so this process does not insist on owning it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from stepsearch_jax import models
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from stepsearch_jax import models  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Output folder for aot.json / aot.md.", required=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Slice to compile for (v5e-16, v5e-32, v5e-64, "
