@@ -161,8 +161,13 @@ def test_client_batches_and_health(world):
     queries = [f"query number {i}" for i in range(10)]
     got = client.search(queries)
     assert len(got) == 10 and all(len(h) == 2 for h in got)
-    assert got == post(world["url"], {"queries": queries, "topk": 2}).json()["result"]
-    assert client.search(queries[:3], topk=4)[0][0] == got[0][0]
+    # Same documents; scores equal up to float32 rounding: the server micro-batches concurrent
+    # requests, and an encoder batch of another size rounds differently (seen: 3e-4 apart).
+    def same(a, b):
+      return a["document"] == b["document"] and abs(a["score"] - b["score"]) < 1e-3
+    whole = post(world["url"], {"queries": queries, "topk": 2}).json()["result"]
+    assert all(same(x, y) for hx, hy in zip(got, whole) for x, y in zip(hx, hy))
+    assert same(client.search(queries[:3], topk=4)[0][0], got[0][0])
     health = client.health()
     assert health["fingerprint"] == build_index.load_manifest(world["index_dir"])["fingerprint"]
     with pytest.raises(RetrievalError, match="HTTP 422.*between 1 and 10"):
