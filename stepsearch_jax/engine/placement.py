@@ -107,13 +107,3 @@ class Placement:
         return np.asarray(x.addressable_data(0))
       return np.asarray(x)
     return jax.tree.map(one, tree)
-
-  def bytes_per_device(self, tree: Any) -> int:
-    """Bytes of `tree` held by the first device (shards, not logical sizes)."""
-    dev = self.mesh.devices.flat[0]
-    total = 0
-    for x in jax.tree.leaves(tree):
-      for s in x.addressable_shards:
-        if s.device == dev:
-          total += s.data.nbytes
-    return total
