@@ -20,7 +20,6 @@ import ml_collections
 ALGORITHMS = ("steppo", "ppo", "grpo")
 REWARD_PRESETS = ("paper", "released")
 DRIVERS = ("native", "jetstream")
-TEMPLATES = ("think", "plan", "brief")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -75,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
       flaws="repeat,skip,vague,early"))  # the flaws a hop draws with probability 1 - quality
 
   c.retrieval = ml_collections.ConfigDict()
-  c.retrieval.url = "http://127.0.0.1:8000"
+  c.retrieval.backend = "http"       # http | inprocess | serper (rollout/retriever.BACKENDS)
+  c.retrieval.url = "http://127.0.0.1:8000"   # server root or Search-R1's .../retrieve
   c.retrieval.topk = 3
   c.retrieval.start_server = False  # start retrieval.server as a subprocess over index_dir
   c.retrieval.index_dir = ""
@@ -87,6 +87,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.backoff_s = 0.5       # first retry delay, doubled per retry up to max_backoff_s
   c.retrieval.max_backoff_s = 8.0
   c.retrieval.token = ""            # bearer token for a server bound beyond loopback ("" = none)
+  # backend="serper" (online Google search via serper.dev; rollout/serper.py):
+  c.retrieval.serper_url = ""       # "" = https://google.serper.dev/search
+  c.retrieval.serper_api_key_env = "SERPER_API_KEY"   # env var holding the key (never the key)
+  c.retrieval.serper_cache_dir = ""  # "" = WORKDIR/serper_cache, "none" = no cache
+  c.retrieval.serper_cache_ttl_s = 0.0   # 0 = cached answers never expire
+  c.retrieval.serper_batch_size = 32     # queries per serper batch request
+  c.retrieval.serper_answer_box = False  # put Google's answer box first (Search-R1 serp style)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.driver = "native"
@@ -95,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.max_obs_tokens = 800
   c.rollout.max_context = 4096      # rolling context cap (max_prompt_length)
   c.rollout.max_start = 2048        # initial prompt cap
+  # The two inserted warnings: "" = ours (rollout/loop.py), else a file with the text verbatim
+  # (e.g. the released wording, to continue from a released checkpoint).
+  c.rollout.invalid_action_text = ""
+  c.rollout.last_turn_text = ""
   c.rollout.temperature = 1.0
   c.rollout.top_p = 0.95
   c.rollout.top_k = -1
@@ -157,7 +168,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice(cfg, "algo.name", ALGORITHMS)
   _choice(cfg, "reward.preset", REWARD_PRESETS)
   _choice(cfg, "rollout.driver", DRIVERS)
-  _choice(cfg, "data.template", TEMPLATES)
+  from stepsearch_jax.data import templates       # no jax: config stays light
+  try:
+    templates.load_template(cfg.data.template)
+  except ValueError as e:
+    raise ValueError(f"config.data.template: {e}") from None
+  for key in ("invalid_action_text", "last_turn_text"):
+    templates.load_text(cfg.rollout[key], "", f"config.rollout.{key}")
+  from stepsearch_jax.rollout.retriever import BACKENDS   # httpx only: config stays light
+  _choice(cfg, "retrieval.backend", BACKENDS)
   _choice(cfg, "model.dtype", DTYPES)
   _choice(cfg, "model.param_dtype", DTYPES)
   _choice(cfg, "algo.critic_mask", ("all", "model"))

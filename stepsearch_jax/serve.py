@@ -1,7 +1,7 @@
 """Serve the policy with JetStream's own orchestrator and gRPC server, on loopback.
 
   python -m stepsearch_jax.serve --config configs/demo.py --hf DIR --port 9000
-  python -m stepsearch_jax.serve --config configs/demo.py --checkpoint WORKDIR/checkpoints --port 9000
+  python -m stepsearch_jax.serve --config configs/demo.py --checkpoint WORKDIR --port 9000
 
 Clients use JetStream's stub: ``jetstream_pb2_grpc.OrchestratorStub(channel).Decode(
 DecodeRequest(token_content=..., max_tokens=N))`` streams the sampled token ids (text content
@@ -26,8 +26,8 @@ from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
 LOOPBACK = "127.0.0.1"
 
 _HF = flags.DEFINE_string("hf", None, "Hugging Face model folder (config.json + safetensors).")
-_CKPT = flags.DEFINE_string("checkpoint", None, "Training checkpoint directory (latest step's "
-                            "policy); the model shape comes from --config / its hf_path.")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ folder): "
+                            "the latest step's policy and the workdir's tokenizer.")
 _PORT = flags.DEFINE_integer("port", 9000, "gRPC port on 127.0.0.1.")
 _TEMP = flags.DEFINE_float("temperature", 0.0, "Default sampling temperature (0 = greedy).")
 _SLOTS = flags.DEFINE_integer("slots", None, "Decode slots (default config.rollout.num_slots).")
@@ -46,37 +46,18 @@ def start_server(engine: StepSearchEngine, port: int, host: str = LOOPBACK,
 
 
 def _load_policy(cfg) -> tuple[Any, Any, Any]:
-  from stepsearch_jax import models
-  from transformers import AutoTokenizer
-  if _HF.value:
-    mconfig, params = models.load_pretrained(_HF.value)
-    tok_path = cfg.tokenizer.path or _HF.value
-  elif _CKPT.value:
-    import jax
-    import orbax.checkpoint as ocp
-    from stepsearch_jax.ppo.checkpoint import Checkpointer
-    if cfg.model.hf_path:
-      mconfig, params = models.load_pretrained(cfg.model.hf_path)
-    else:
-      init = dict(cfg.model.init)
-      mconfig = models.ModelConfig(**init, dtype=cfg.model.dtype,
-                                   param_dtype=cfg.model.param_dtype)
-      params = jax.eval_shape(lambda: models.init_params(mconfig, jax.random.PRNGKey(0)))
-    ckpt = Checkpointer(_CKPT.value, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise SystemExit(f"FATAL no checkpoint under {_CKPT.value}")
-    raw = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt.directory, str(step), "state"))
-    if "policy" not in raw:
-      raise SystemExit(f"FATAL checkpoint {ckpt.directory}/{step} has no 'policy' entry")
-    params = jax.tree_util.tree_map(lambda ref, x: jax.numpy.asarray(x, ref.dtype), params,
-                                    raw["policy"])
-    tok_path = cfg.tokenizer.path or cfg.model.hf_path
-  else:
+  """The one policy loader (workspace.load_policy); --checkpoint may name the workdir or its
+  checkpoints/ folder."""
+  from stepsearch_jax import workspace
+  path = _HF.value or _CKPT.value
+  if not path:
     raise SystemExit("FATAL give --hf DIR or --checkpoint DIR")
-  if not tok_path:
-    raise SystemExit("FATAL no tokenizer: set --config.tokenizer.path")
-  return mconfig, params, AutoTokenizer.from_pretrained(tok_path)
+  if _CKPT.value and os.path.basename(os.path.normpath(path)) == "checkpoints":
+    path = os.path.dirname(os.path.normpath(path))
+  try:
+    return workspace.load_policy(path, cfg.model.dtype)
+  except FileNotFoundError as e:
+    raise SystemExit(f"FATAL {e}") from None
 
 
 def main(argv) -> None:

@@ -80,7 +80,7 @@ class Trainer:
     # Process 0 builds the world, tokenizer and index into the workdir; the others reuse them
     # (each starts its own retrieval sidecar on loopback).
     self.ws = distributed.main_first("workspace", lambda: workspace.open_workspace(cfg, workdir))
-    print(f"retrieval: {self.ws.retriever.url} (index fingerprint {self.ws.fingerprint})",
+    print(f"retrieval: {self.ws.retriever.where} (index fingerprint {self.ws.fingerprint})",
           flush=True)
     try:
       self._build(cfg, workdir)
@@ -142,7 +142,7 @@ class Trainer:
       raise FingerprintMismatchError(
           f"checkpoint step {meta.get('step')} in {self.ckpt.directory} was written with retrieval "
           f"index fingerprint {meta.get('fingerprint')!r}, but the index served at "
-          f"{self.ws.retriever.url} has {self.ws.fingerprint!r}; resume with the same index "
+          f"{self.ws.retriever.where} has {self.ws.fingerprint!r}; resume with the same index "
           "(retrieval.index_dir / retrieval.url) or start a fresh workdir")
 
   # ------------------------------------------------------------------------------------------

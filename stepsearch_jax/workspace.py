@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from stepsearch_jax import models
@@ -76,11 +77,12 @@ def prepare_data(cfg, workdir: str):
   return train, val, world, corpus
 
 
-def tokenizer_texts(world, train, val, template: str = "think") -> list[str]:
+def tokenizer_texts(world, train, val, template: str = "think", rollout_cfg=None) -> list[str]:
   """Every text the demo tokenizer must encode losslessly: passages, prompts, demos, warnings."""
   from stepsearch_jax.data import synthetic
   from stepsearch_jax.rollout import loop
-  texts = [loop.INVALID_ACTION, loop.LAST_TURN, "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
+  warnings = loop.inserted_texts(rollout_cfg or {})
+  texts = [warnings["invalid_action"], warnings["last_turn"], "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
   texts += [f"{r['title']} {r['content']}" for r in world.corpus]
   texts += [records_lib.render_prompt(None, r, template) for r in train + val]
   rng = random.Random(0)
@@ -103,6 +105,10 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
     tok = wordlevel.load(path)
     if tok.pad_token is None:   # as for Qwen base models: padding is masked, EOS is a safe id
       tok.pad_token = tok.eos_token
+    # The workdir carries its tokenizer, so evaluate / infer / serve on it need nothing else.
+    copy = os.path.join(workdir, "tokenizer")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(copy, "tokenizer_config.json")):
+      tok.save_pretrained(copy)
     return tok
   if world is None:
     raise ValueError("config.tokenizer.path and config.model.hf_path are empty: a word-level "
@@ -110,30 +116,51 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return wordlevel.load(out)
-  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val, cfg.data.template), out)
+  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val, cfg.data.template, cfg.rollout), out)
 
 
 def start_retrieval(cfg, workdir: str, corpus: str):
-  """Client (+ our server subprocess) for config.retrieval; builds the index first if needed."""
-  from stepsearch_jax.rollout.retriever import RetrieverClient
-  proc = None
-  url = cfg.retrieval.url
-  if cfg.retrieval.start_server:
-    from retrieval import build_index, server
-    index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
-    if not os.path.exists(os.path.join(index_dir, "manifest.json")):
-      if not corpus:
-        raise ValueError("config.retrieval.start_server needs retrieval.index_dir with a built "
-                         "index or retrieval.corpus to build one")
-      build_index.build(corpus, index_dir, encoder=cfg.retrieval.encoder or None,
-                        index_type=cfg.retrieval.index_type, progress=False)
-    proc, url = server.start_subprocess(index_dir)
-  client = RetrieverClient(url, topk=cfg.retrieval.topk, timeout_s=cfg.retrieval.timeout_s,
-                           retries=cfg.retrieval.retries, token=cfg.retrieval.token or None,
-                           backoff_s=cfg.retrieval.backoff_s,
-                           max_backoff_s=cfg.retrieval.max_backoff_s)
-  fingerprint = str(client.health().get("fingerprint", ""))
-  return client, fingerprint, proc
+  """(retriever, fingerprint, server subprocess or None) for config.retrieval.backend."""
+  from stepsearch_jax.rollout.retriever import open_retriever
+  return open_retriever(cfg.retrieval, workdir, corpus)
+
+
+def load_policy(path: str, dtype: str | None = None):
+  """(ModelConfig, params, tokenizer) from an HF folder or a training workdir's latest checkpoint."""
+  from stepsearch_jax.data import wordlevel
+  if os.path.exists(os.path.join(path, "checkpoints")):
+    from stepsearch_jax.ppo import Checkpointer
+    cfg_hf = json.load(open(os.path.join(path, "model_config.json")))
+    config = models.ModelConfig.from_hf(cfg_hf, **({"dtype": dtype} if dtype else {}))
+    restored = Checkpointer(os.path.join(path, "checkpoints"), async_save=False).restore_as_saved()
+    if restored is None:
+      raise FileNotFoundError(f"--checkpoint {path}: no checkpoint under {path}/checkpoints")
+    state, meta = restored
+    step = int(meta["step"])
+    params = jax.tree.map(np.asarray, state["policy"])
+    tok_dir = os.path.join(path, "tokenizer")
+    if not os.path.exists(tok_dir):
+      raise FileNotFoundError(f"--checkpoint {path}: no tokenizer/ folder (training writes one "
+                              "into every workdir; this one predates that: copy the run's "
+                              "tokenizer folder there)")
+    logging.info("policy from %s/checkpoints step %d", path, step)
+    return config, params, wordlevel.load(tok_dir)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"--checkpoint {path}: neither a Hugging Face folder (config.json) "
+                            "nor a training workdir (checkpoints/)")
+  config, params = models.load_pretrained(path, dtype=dtype)
+  return config, params, wordlevel.load(path)
+
+
+def checkpoint_retrieval(cfg, checkpoint: str, home: str):
+  """start_retrieval for a policy being evaluated or asked: a training workdir carries its index
+  (and a synthetic world its corpus), so it is searched as in training unless
+  retrieval.index_dir / retrieval.corpus say otherwise; an HF folder's index is built in `home`."""
+  if os.path.exists(os.path.join(checkpoint, "index", "manifest.json")):
+    home = checkpoint
+  world_corpus = os.path.join(checkpoint, "world", "corpus.jsonl")
+  corpus = cfg.retrieval.corpus or (world_corpus if os.path.exists(world_corpus) else "")
+  return start_retrieval(cfg, home, corpus)
 
 
 def model_config(cfg, tokenizer) -> models.ModelConfig:

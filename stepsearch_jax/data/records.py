@@ -170,7 +170,8 @@ def _read_rows(path: str):
       table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for bad files
       raise RecordError(f"{path}: cannot read parquet ({e})") from e
-    yield from enumerate(table.to_pylist())
+    for i, row in enumerate(table.to_pylist()):
+      yield i, None, row
     return
   with open(path, encoding="utf-8") as f:
     row = 0
@@ -181,12 +182,18 @@ def _read_rows(path: str):
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise RecordError(f"{path}: row {row} (line {lineno}): not valid JSON ({e.msg})") from e
-      yield row, obj
+      yield row, lineno, obj
       row += 1
 
 
-def load_records(paths: str | Sequence[str]) -> list[Record]:
-  """Load parquet/jsonl files (a list, or one comma-separated string) into validated Records."""
+def load_records(paths: str | Sequence[str], template: str = "think") -> list[Record]:
+  """Load parquet/jsonl files (a list, or one comma-separated string) into validated Records.
+
+  A file whose first row is FlashRAG QA (``golden_answers``, no record fields) is converted by
+  :func:`stepsearch_jax.data.flashrag.record_from_row` with `template`, so the released QA sets
+  can be evaluated without a conversion step.
+  """
+  from stepsearch_jax.data import flashrag
   if isinstance(paths, str):
     paths = [p for p in paths.split(",") if p.strip()]
   out = []
@@ -194,7 +201,11 @@ def load_records(paths: str | Sequence[str]) -> list[Record]:
     path = path.strip()
     if not os.path.exists(path):
       raise RecordError(f"{path}: no such file")
-    out.extend(record_from_row(row, path, i) for i, row in _read_rows(path))
+    flash = None  # the first row decides the file's kind, so a bad row gets the right error
+    for i, lineno, row in _read_rows(path):
+      flash = flashrag.is_flashrag_row(row) if flash is None else flash
+      out.append(flashrag.record_from_row(row, path, lineno or i + 1, i, template=template)
+                 if flash else record_from_row(row, path, i))
   return out
 
 

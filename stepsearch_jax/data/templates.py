@@ -10,6 +10,8 @@ lacks one, as the released script does.
 
 from __future__ import annotations
 
+import os
+
 THINK = (
     "Answer the question below. Think inside <think> and </think> before each step and whenever "
     "you receive new information. The question may need several searches, so begin by listing the "
@@ -51,11 +53,45 @@ def clean_question(question: str) -> str:
   return q if q.endswith("?") else q + "?"
 
 
+def load_template(template: str) -> str:
+  """The text of a named template, or of a template file (a path) holding `{question}` once.
+
+  A file lets a user supply the released wording verbatim to continue from a released
+  checkpoint; only `{question}` is substituted, so other braces in it are kept as written.
+  """
+  if template in TEMPLATES:
+    return TEMPLATES[template]
+  if not os.path.isfile(template):
+    raise ValueError(f"template {template!r} is neither one of {sorted(TEMPLATES)} nor a file")
+  with open(template, encoding="utf-8") as f:
+    text = f.read()
+  if text.count("{question}") != 1:
+    raise ValueError(f"template file {template} must contain '{{question}}' exactly once "
+                     f"(found {text.count('{question}')})")
+  return text
+
+
 def make_prompt(question: str, template: str = "think") -> str:
-  """The user-message text for `question` under the named template."""
-  if template not in TEMPLATES:
-    raise ValueError(f"template {template!r} is not one of {sorted(TEMPLATES)}")
-  return TEMPLATES[template].format(question=clean_question(question))
+  """The user-message text for `question` under the named template or template file."""
+  return load_template(template).replace("{question}", clean_question(question))
+
+
+def load_text(option: str, default: str, what: str) -> str:
+  """An inserted text: `default` when `option` is "", else the file `option` verbatim.
+
+  The reward parser hides `<warning>` blocks from the search-key reward, so a warning supplied by
+  file must keep its `<warning> ... </warning>` tags.
+  """
+  if not option:
+    return default
+  if not os.path.isfile(option):
+    raise ValueError(f"{what}: {option!r} is not a file")
+  with open(option, encoding="utf-8") as f:
+    text = f.read()
+  if "<warning>" not in text or "</warning>" not in text:
+    raise ValueError(f"{what}: {option} must wrap its text in <warning> ... </warning> (the "
+                     "rewards skip those blocks when reading queries)")
+  return text
 
 
 def question_from_prompt(content: str) -> str | None:

@@ -5,10 +5,14 @@
                  (optional "step_doc_ids": [[id, ...], ...] for the paper preset)
     output lines {"format_ok", "answer_f1", "search_key_score", "step_scores", "final_score",
                   "step_rewards"} in input order
-  python -m stepsearch_jax.rewards eval --in predictions.jsonl --out per_example.jsonl
-    input lines  {"response", "targets", "data_source"?}; output lines {"em", "f1"} (released
-    evaluation rules: last <answer>, braces rule, SQuAD normalisation, unrounded); prints a
-    markdown table of mean EM/F1 per data source.
+  python -m stepsearch_jax.rewards eval [--preset ours|released] --in PREDS --out per_example.jsonl
+    input        jsonl {"response", "targets", "data_source"?}, evaluate's predictions.jsonl
+                 (ground_truth: {"target"}), or the released JSON array (ground_truth: [...])
+    output lines {"em", "f1"} in input order (last <answer>, braces rule, SQuAD normalisation,
+                 unrounded); prints a markdown table of mean EM/F1 per data source.
+    --preset released is exactly the released scripts/eval.py; `ours` (default) differs only on
+    edge cases (no <answer> block, empty or non-string golds, partial data_source), listed in
+    stepsearch_jax/rewards/predictions.py.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 
-from stepsearch_jax.rewards import text as text_lib
+from stepsearch_jax.rewards import predictions
 from stepsearch_jax.rewards.score import RewardConfig, score
 
 
@@ -60,22 +63,16 @@ def cmd_score(args) -> None:
 
 
 def cmd_eval(args) -> None:
-  sums = defaultdict(lambda: [0, 0.0, 0.0])
+  try:
+    scores, table = predictions.eval_file(args.inp, args.preset)
+  except predictions.PredictionError as e:
+    raise SystemExit(str(e))
   with open(args.out, "w", encoding="utf-8") as out:
-    for lineno, row in _read_jsonl(args.inp):
-      response = _need(args.inp, lineno, row, "response", str)
-      targets = _need(args.inp, lineno, row, "targets", (list, str))
-      pred = text_lib.eval_answer(response)
-      e, f = text_lib.em(pred, targets), text_lib.f1(pred, targets)
-      out.write(json.dumps({"em": e, "f1": f}) + "\n")
-      acc = sums[str(row.get("data_source", "all"))]
-      acc[0] += 1
-      acc[1] += e
-      acc[2] += f
+    for s in scores:
+      out.write(json.dumps(s) + "\n")
   print("| data_source | n | EM | F1 |\n| --- | --- | --- | --- |")
-  for source in sorted(sums):
-    n, e, f = sums[source]
-    print(f"| {source} | {n} | {e / n:.4f} | {f / n:.4f} |")
+  for source, m in table.items():
+    print(f"| {source} | {m['n']} | {m['em']:.4f} | {m['f1']:.4f} |")
 
 
 def main(argv=None) -> None:
@@ -86,7 +83,8 @@ def main(argv=None) -> None:
   s.add_argument("--preset", choices=["paper", "released"], default="paper")
   s.add_argument("--in", dest="inp", required=True)
   s.add_argument("--out", required=True)
-  e = sub.add_parser("eval", help="EM/F1 of predictions with the released evaluation rules")
+  e = sub.add_parser("eval", help="EM/F1 of prediction files (ours, evaluate's, the released)")
+  e.add_argument("--preset", choices=list(predictions.PRESETS), default="ours")
   e.add_argument("--in", dest="inp", required=True)
   e.add_argument("--out", required=True)
   args = parser.parse_args(argv)

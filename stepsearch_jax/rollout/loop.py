@@ -58,6 +58,8 @@ class LoopConfig:
   max_start: int = 2048
   max_response_tokens: int = 4096
   topk: int = 3
+  invalid_action: str = INVALID_ACTION
+  last_turn: str = LAST_TURN
 
   @classmethod
   def from_config(cls, rollout_cfg: Any, topk: int = 3) -> "LoopConfig":
@@ -68,7 +70,17 @@ class LoopConfig:
                max_obs_tokens=int(get("max_obs_tokens", 800)), max_context=max_context,
                max_start=int(get("max_start", 2048)),
                max_response_tokens=int(get("max_response_tokens", max_context)),
-               topk=int(get("topk", topk)))
+               topk=int(get("topk", topk)), **inserted_texts(rollout_cfg))
+
+
+def inserted_texts(rollout_cfg: Any) -> dict:
+  """{invalid_action, last_turn}: ours, or the files config.rollout.*_text name."""
+  from stepsearch_jax.data.templates import load_text
+  get = rollout_cfg.get if hasattr(rollout_cfg, "get") else lambda k, d: getattr(rollout_cfg, k, d)
+  return dict(invalid_action=load_text(get("invalid_action_text", ""), INVALID_ACTION,
+                                       "config.rollout.invalid_action_text"),
+              last_turn=load_text(get("last_turn_text", ""), LAST_TURN,
+                                  "config.rollout.last_turn_text"))
 
 
 def _field(record: Any, name: str, default: Any = None) -> Any:
@@ -185,7 +197,7 @@ class Episode:
       return "answer" if action == "answer" else "done"
     self.query = content if action == "search" else None
     if action == "invalid":
-      self._observe(INVALID_ACTION)
+      self._observe(self.cfg.invalid_action)
     return action
 
   def observe_search(self, results: Sequence[dict]) -> None:
@@ -199,7 +211,7 @@ class Episode:
 
   def _observe(self, obs: str) -> None:
     if self.turn == self.cfg.max_turns - 1:
-      obs += LAST_TURN
+      obs += self.cfg.last_turn
     obs_ids = list(self.tok.encode(obs, add_special_tokens=False))[:self.cfg.max_obs_tokens]
     t = self.traj
     room = self.cfg.max_response_tokens - len(t.response_ids)

@@ -1,4 +1,10 @@
-"""Client for the retrieval sidecar, and the `<information>` block formatting (method §1.4).
+"""Retrievers (the `Retriever` protocol and its backends) and the `<information>` formatting.
+
+A retriever answers a batch of queries with one `{"document", "score"}` list per query (the
+Search-R1 shape), names what it searches with `fingerprint()` (pinned into checkpoints, so a resumed
+run notices a changed index) and says `where` it searches for logs. Backends, chosen by
+`config.retrieval.backend`, are registered in `BACKENDS`: `http` (any Search-R1-compatible
+server), `inprocess` (our index searched in this process: no HTTP hop), `serper` (online search).
 
 Rollouts must not die on a transient hiccup of the sidecar (a restart, a full accept queue), nor
 hang forever on a dead one: every call has a timeout, transport errors / 5xx / 429 are retried
@@ -8,25 +14,75 @@ cause. 4xx answers other than 408/429 are the caller's bug and are raised at onc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import httpx
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
+# Queries whose answers identify an index served without /health (a released Search-R1 server):
+# the same index answers them with the same documents, a rebuilt or different one almost surely not.
+PROBE_QUERIES = ("who wrote hamlet", "capital of france", "when did the second world war end",
+                 "largest planet in the solar system", "inventor of the telephone",
+                 "river that flows through cairo", "first president of the united states",
+                 "chemical symbol for gold")
+
 
 class RetrievalError(RuntimeError):
   """Retrieval failed for good (after retries, or on a request the server rejects)."""
 
+  def __init__(self, message: str, status: int | None = None):
+    super().__init__(message)
+    self.status = status
+
+
+class Retriever(Protocol):
+  where: str
+
+  def search(self, queries: Sequence[str], topk: int | None = None) -> list[list[dict]]: ...
+
+  def fingerprint(self) -> str: ...
+
+  def close(self) -> None: ...
+
+
+def answer_nonblank(queries: Sequence[str], search: Callable[[list[str]], list[list[dict]]]
+                    ) -> list[list[dict]]:
+  """`search` over the non-blank queries only; blank ones (`<search> </search>`) get no documents.
+
+  Every backend answers a blank query the same way, locally, so no server's handling of it (a 422
+  from ours before, a match-anything from some) can change a rollout.
+  """
+  asked = [i for i, q in enumerate(queries) if q.strip()]
+  found = search([queries[i] for i in asked]) if asked else []
+  out: list[list[dict]] = [[] for _ in queries]
+  for i, docs in zip(asked, found):
+    out[i] = docs
+  return out
+
+
+def base_url(url: str) -> str:
+  """Search-R1 configs give `.../retrieve`; ours gave the server root. Both mean the same server."""
+  url = url.rstrip("/")
+  return url[:-len("/retrieve")] if url.endswith("/retrieve") else url
+
 
 class RetrieverClient:
-  """Batched, retrying client for POST {url}/retrieve (Search-R1 schema)."""
+  """Batched, retrying client for POST {url}/retrieve (Search-R1 schema), any compatible server.
+
+  `/health` (our server) gives the index fingerprint; a server without it (Search-R1's
+  retrieval_server.py, rerank and online-search servers) is checked with a real `/retrieve` of
+  `PROBE_QUERIES`, whose answers' hash becomes the fingerprint.
+  """
 
   def __init__(self, url: str, topk: int = 3, timeout_s: float = 30.0, retries: int = 5,
                token: str | None = None, batch_size: int = 512, backoff_s: float = 0.5,
                max_backoff_s: float = 8.0):
-    self.url = url.rstrip("/")
+    self.url = base_url(url)
+    self.where = self.url
     self.topk = topk
     self.timeout_s = timeout_s
     self.retries = retries
@@ -65,7 +121,8 @@ class RetrieverClient:
           continue
       detail = _detail(r)
       if r.status_code not in _RETRY_STATUS:
-        raise RetrievalError(f"{method} {target} rejected with HTTP {r.status_code}: {detail}")
+        raise RetrievalError(f"{method} {target} rejected with HTTP {r.status_code}: {detail}",
+                             status=r.status_code)
       cause = f"HTTP {r.status_code}: {detail}"
     raise RetrievalError(f"{method} {target} failed after {self.retries + 1} attempts "
                          f"(timeout {self.timeout_s}s each); last cause: {cause}")
@@ -77,12 +134,7 @@ class RetrieverClient:
     without a request: the server rightly rejects it, and a rollout must not die of it.
     """
     k = self.topk if topk is None else topk
-    asked = [i for i, q in enumerate(queries) if q.strip()]
-    found = self._search([queries[i] for i in asked], k) if asked else []
-    out: list[list[dict]] = [[] for _ in queries]
-    for i, docs in zip(asked, found):
-      out[i] = docs
-    return out
+    return answer_nonblank(queries, lambda qs: self._search(qs, k))
 
   def _search(self, queries: Sequence[str], k: int) -> list[list[dict]]:
     out: list[list[dict]] = []
@@ -97,8 +149,63 @@ class RetrieverClient:
       out.extend(result)
     return out
 
-  def health(self) -> dict:
-    return self._call("GET", "/health")
+  def health(self) -> dict | None:
+    """Our server's /health body; None for a server that has no /health (404/405)."""
+    try:
+      return self._call("GET", "/health")
+    except RetrievalError as e:
+      if e.status in (404, 405):
+        return None
+      raise
+
+  def fingerprint(self) -> str:
+    """/health's fingerprint, else a hash of the probe queries' answers (a real request either
+    way, so a dead or wrong URL fails here, at start, not at the first rollout)."""
+    body = self.health()
+    if body is not None and body.get("fingerprint"):
+      return str(body["fingerprint"])
+    return probe_fingerprint(self.search(PROBE_QUERIES, topk=self.topk))
+
+
+def probe_fingerprint(results: list[list[dict]]) -> str:
+  """Hash of the probe answers' documents (scores left out: batching moves them by ~1e-4)."""
+  docs = [[hit.get("document", hit) if isinstance(hit, dict) else hit for hit in hits]
+          for hits in results]
+  return "probe:" + hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class InProcessRetriever:
+  """A built index searched in this process (retrieval.searcher.Searcher): no server, no HTTP hop.
+
+  For tests and single-host runs. Answers equal the server's: the server runs the same Searcher
+  and normalises whitespace the same way. The encoder runs on JAX's default device.
+  """
+
+  def __init__(self, searcher, topk: int = 3):
+    self.searcher = searcher
+    self.topk = topk
+    self.where = f"in-process index {searcher.index_dir}"
+
+  def search(self, queries: Sequence[str], topk: int | None = None) -> list[list[dict]]:
+    k = self.topk if topk is None else topk
+
+    def run(qs: list[str]) -> list[list[dict]]:
+      rows = self.searcher.search_many([" ".join(q.split()) for q in qs], [k] * len(qs))
+      return [[{"document": self.searcher.corpus.row(int(i)), "score": float(s)}
+               for i, s in zip(ids, scores) if i >= 0] for ids, scores in rows]
+    return answer_nonblank(queries, run)
+
+  def fingerprint(self) -> str:
+    return self.searcher.fingerprint
+
+  def close(self) -> None:
+    self.searcher.corpus.close()
+
+  def __enter__(self) -> "InProcessRetriever":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _detail(r: httpx.Response) -> str:
@@ -131,3 +238,56 @@ def format_information(documents: Sequence[dict]) -> str:
     title, text = doc_title_text(doc)
     lines.append(f"Doc {i}<## Title: {title} ##> {text}\n")
   return "\n\n<information> " + "".join(lines).strip() + " </information>\n\n"
+
+
+def ensure_index(rcfg, workdir: str, corpus: str) -> str:
+  """config.retrieval.index_dir (default WORKDIR/index), built from `corpus` first if missing."""
+  import os
+  from retrieval import build_index
+  index_dir = rcfg.index_dir or os.path.join(workdir, "index")
+  if not os.path.exists(os.path.join(index_dir, "manifest.json")):
+    if not corpus:
+      raise ValueError(f"config.retrieval: no built index at {index_dir} and no retrieval.corpus "
+                       "to build one from")
+    build_index.build(corpus, index_dir, encoder=rcfg.encoder or None,
+                      index_type=rcfg.index_type, progress=False)
+  return index_dir
+
+
+def _http(rcfg, workdir: str, corpus: str):
+  proc, url = None, rcfg.url
+  if rcfg.start_server:
+    from retrieval import server
+    proc, url = server.start_subprocess(ensure_index(rcfg, workdir, corpus))
+  return RetrieverClient(url, topk=rcfg.topk, timeout_s=rcfg.timeout_s, retries=rcfg.retries,
+                         token=rcfg.token or None, backoff_s=rcfg.backoff_s,
+                         max_backoff_s=rcfg.max_backoff_s), proc
+
+
+def _inprocess(rcfg, workdir: str, corpus: str):
+  from retrieval.searcher import Searcher
+  searcher = Searcher(ensure_index(rcfg, workdir, corpus), encoder=rcfg.encoder or None)
+  searcher.warmup(8)
+  return InProcessRetriever(searcher, topk=rcfg.topk), None
+
+
+def _serper(rcfg, workdir: str, corpus: str):
+  from stepsearch_jax.rollout.serper import SerperRetriever
+  return SerperRetriever.from_config(rcfg, workdir), None
+
+
+# config.retrieval.backend -> factory(retrieval config, workdir, corpus) -> (Retriever, server
+# subprocess or None). A new backend is one class plus one entry here.
+BACKENDS = {"http": _http, "inprocess": _inprocess, "serper": _serper}
+
+
+def open_retriever(rcfg, workdir: str, corpus: str):
+  """(retriever, fingerprint, server subprocess or None) for config.retrieval."""
+  retriever, proc = BACKENDS[rcfg.backend](rcfg, workdir, corpus)
+  try:
+    return retriever, retriever.fingerprint(), proc
+  except Exception:
+    retriever.close()
+    if proc is not None:
+      proc.terminate()
+    raise
