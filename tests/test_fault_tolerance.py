@@ -248,7 +248,9 @@ def test_retrieval_server_killed_mid_rollout_is_retried_or_fails_clearly(train_r
     assert sum(len(t.queries) for t in want) > 0, "the policy never searched"
     with KillOnFirstSearch(url, topk=cfg.retrieval.topk, retries=8, backoff_s=0.25) as client:
       got = rollout(engine, records, cfg.rollout, client, key)
-    assert client.fired and restarted.is_set()
+    # The rollout's retry can reach the restarted server before start_subprocess (polling
+    # /health) has returned in the restart thread: wait for it, so live["proc"] is the new server.
+    assert client.fired and restarted.wait(timeout=120)
     assert got.stats["retrieval_s"] > want.stats["retrieval_s"] + 0.2   # it waited for the restart
     assert [t.response_ids for t in got] == [t.response_ids for t in want]
     assert [t.doc_ids for t in got] == [t.doc_ids for t in want]
