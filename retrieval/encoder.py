@@ -51,7 +51,7 @@ class Conventions:
   """How a given encoder expects its inputs and pooling (per-model, from its name)."""
   query_prefix: str = ""
   passage_prefix: str = ""
-  pooling: str = "mean"        # "mean" over the attention mask, or "cls"
+  pooling: str = "mean"        # "mean" over the attention mask, "cls", or "pooler" (tanh dense on CLS)
   normalize: bool = True
   max_length: int = MAX_LENGTH
 
@@ -222,6 +222,23 @@ def _load_tokenizer(path: str, max_length: int):
   return tok
 
 
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def load_pooler(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """BERT's pooler (dense [H, H] + bias) for `pooling="pooler"` (Search-R1's third option)."""
+  from safetensors.numpy import load_file
+  found = {}
+  for n in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+    for k, v in load_file(os.path.join(path, n)).items():
+      if k.removeprefix("bert.") in ("pooler.dense.weight", "pooler.dense.bias"):
+        found[k.removeprefix("bert.")] = v.astype(np.float32)
+  if len(found) != 2:
+    raise KeyError(f"{path}: pooling='pooler' needs pooler.dense.weight/bias in the safetensors "
+                   "files; this checkpoint has none (use --pooling mean or cls)")
+  return found["pooler.dense.weight"].T, found["pooler.dense.bias"]
+
+
 class Encoder:
   """Text -> L2-normalised float32 embeddings [N, dim], with jit-compiled bucketed shapes."""
 
@@ -231,6 +248,8 @@ class Encoder:
     self.conventions = conventions or conventions_for(self.path)
     if dtype not in ("float32", "bfloat16"):
       raise ValueError(f"encoder dtype={dtype!r} must be 'float32' or 'bfloat16'")
+    if self.conventions.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.conventions.pooling!r} must be one of {list(POOLINGS)}")
     self.dtype = dtype
     self.max_batch = max_batch
     self.config, model = load_bert(self.path, jnp.float32 if dtype == "float32" else jnp.bfloat16)
@@ -242,11 +261,14 @@ class Encoder:
       state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim == 2 else x, state)
     self._state = state
     pooling, normalize = self.conventions.pooling, self.conventions.normalize
+    pooler = load_pooler(self.path) if pooling == "pooler" else None
 
     def forward(state, ids, mask):
       h = nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32)
       if pooling == "cls":
         e = h[:, 0]
+      elif pooling == "pooler":
+        e = jnp.tanh(h[:, 0] @ pooler[0] + pooler[1])
       else:
         m = mask[..., None].astype(jnp.float32)
         e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
