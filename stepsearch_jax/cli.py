@@ -53,9 +53,15 @@ def config_source() -> tuple[str, str | None]:
   return path, arg or None
 
 
-def load():
-  """Return the validated config given on the command line; exits naming the bad key."""
+def load(optional: bool = False):
+  """Return the validated config given on the command line; exits naming the bad key.
+
+  `optional`: without --config, the base config (serve --hf DIR needs nothing else: the folder
+  holds the model and the tokenizer).
+  """
   cfg = _CONFIG.value
+  if cfg is None and optional:
+    cfg = config_lib.base_config()
   if cfg is None:
     sys.exit("FATAL --config is required, e.g. --config configs/demo.py:smoke")
   try:

@@ -63,7 +63,7 @@ def _load_policy(cfg) -> tuple[Any, Any, Any]:
 def main(argv) -> None:
   del argv
   from stepsearch_jax import cli
-  cfg = cli.load()
+  cfg = cli.load(optional=bool(_HF.value))
   mconfig, params, tok = _load_policy(cfg)
   from stepsearch_jax import workspace
   r = cfg.rollout
