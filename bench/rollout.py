@@ -132,7 +132,8 @@ def main() -> None:
                       else "cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf = hf.to(torch_device)
-    rcfg = ml_collections.ConfigDict(dict(
+    rcfg = defaults.copy_and_resolve_references()
+    rcfg.update(dict(
         driver="native", max_turns=5, max_tokens_per_turn=64, max_obs_tokens=800,
         max_context=1024, max_start=2048, temperature=1.0, top_p=1.0, top_k=-1, n=1,
         num_slots=32, prefill_buckets=tuple(b for b in defaults.prefill_buckets if b <= 1024),

@@ -28,7 +28,6 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1120              # PPO steps (train.sh total_training_steps)
-  c.log_every = 1
   c.eval_every = 60                 # validation with greedy rollouts; 0 disables
   c.save_every = 60                 # checkpoint period in steps
   c.keep_checkpoints = 3
@@ -39,7 +38,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Policy / critic models. Either a Hugging Face folder (hf_path) or a random init from `init`.
   c.model = ml_collections.ConfigDict()
   c.model.hf_path = ""
-  c.model.critic_hf_path = ""       # "" = critic trunk initialised from the policy weights
   c.model.dtype = "bfloat16"        # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat = True              # gradient checkpointing per layer (train.sh: on)
@@ -102,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.max_obs_tokens = 800
   c.rollout.max_context = 4096      # rolling context cap (max_prompt_length)
   c.rollout.max_start = 2048        # initial prompt cap
+  c.rollout.max_response_tokens = -1     # response (model + inserted) token cap; -1 = max_context
   # The two inserted warnings: "" = ours (rollout/loop.py), else a file with the text verbatim
   # (e.g. the released wording, to continue from a released checkpoint).
   c.rollout.invalid_action_text = ""

@@ -2,9 +2,9 @@
 the synthetic world with a real retrieval server (identical greedy trajectories)."""
 
 import jax
-import ml_collections
 import pytest
 
+from stepsearch_jax import config as config_lib
 from stepsearch_jax.engine import StepSearchEngine
 from stepsearch_jax.rollout import loop, toy
 from stepsearch_jax.rollout.driver import rollout
@@ -28,10 +28,10 @@ def server(world):
 
 
 def _rollout_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(driver="native", max_turns=3, max_tokens_per_turn=80,
-                                     max_obs_tokens=800, max_context=1024, max_start=2048,
-                                     temperature=1.0, top_p=1.0, top_k=-1, n=1, num_slots=4,
-                                     prefill_buckets=(64, 128, 256, 512, 1024)))
+  c = config_lib.base_config().rollout
+  c.update(dict(driver="native", max_turns=3, max_tokens_per_turn=80, max_obs_tokens=800,
+                max_context=1024, max_start=2048, temperature=1.0, top_p=1.0, top_k=-1, n=1,
+                num_slots=4, prefill_buckets=(64, 128, 256, 512, 1024)))
   c.update(kw)
   return c
 

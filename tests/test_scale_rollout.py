@@ -25,10 +25,11 @@ try:
   retriever = RetrieverClient(url, topk=3)
   config, params = toy.train_policy(world, retriever, hidden=128, steps=60, batch_size=8,
                                     lr=1e-2, limit=24)
-  cfg = ml_collections.ConfigDict(dict(driver="native", max_turns=3, max_tokens_per_turn=80,
-                                       max_obs_tokens=800, max_context=1024, max_start=2048,
-                                       temperature=1.0, top_p=1.0, top_k=-1, n=1, num_slots=8,
-                                       prefill_buckets=(64, 128, 256, 512, 1024)))
+  from stepsearch_jax import config as config_lib
+  cfg = config_lib.base_config().rollout
+  cfg.update(dict(driver="native", max_turns=3, max_tokens_per_turn=80, max_obs_tokens=800,
+                  max_context=1024, max_start=2048, temperature=1.0, top_p=1.0, top_k=-1, n=1,
+                  num_slots=8, prefill_buckets=(64, 128, 256, 512, 1024)))
   records = world["test_records"][:8]
   out = {}
   for name, shape, devices in (("single", (1, 1, 1), jax.devices()[:1]),

@@ -26,9 +26,8 @@ class RolloutResult(list):
 def sampling_from_config(rollout_cfg: Any, greedy: bool) -> SamplingParams:
   if greedy:   # validation decoding: do_sample=False -> temperature 0, top_p 1, top_k -1
     return SamplingParams.greedy()
-  return SamplingParams(temperature=float(rollout_cfg.get("temperature", 1.0)),
-                        top_p=float(rollout_cfg.get("top_p", 1.0)),
-                        top_k=int(rollout_cfg.get("top_k", -1)))
+  return SamplingParams(temperature=float(rollout_cfg.temperature),
+                        top_p=float(rollout_cfg.top_p), top_k=int(rollout_cfg.top_k))
 
 
 def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, retriever: Any,
@@ -37,17 +36,14 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
             score_logprobs: bool = True) -> RolloutResult:
   """Roll out `n` (default rollout_cfg.n; 1 when greedy) trajectories per record, record-major.
 
-  rollout_cfg: `config.rollout` (driver, max_turns, max_tokens_per_turn, max_obs_tokens,
-  max_context, max_start, temperature, top_p, top_k, n, prefill_buckets; optional
-  max_response_tokens, topk, decode_steps_per_call and max_decode_steps_per_call (native driver:
-  generate steps per device call, at least / at most; defaults 8 / 64) and share_prefix
-  (default True)). `retriever` has `.search(queries, topk)` (RetrieverClient).
+  rollout_cfg: `config.rollout` (every key declared in config.py). `retriever` is a
+  rollout.retriever.Retriever; its `topk` is the documents per search.
   Uses the engine's current params (see `StepSearchEngine.swap_params`).
   """
   cfg = LoopConfig.from_config(rollout_cfg, topk=getattr(retriever, "topk", 3))
-  driver = driver or rollout_cfg.get("driver", "native")
+  driver = driver or rollout_cfg.driver
   if n is None:
-    n = 1 if greedy else int(rollout_cfg.get("n", 1))
+    n = 1 if greedy else int(rollout_cfg.n)
   sampling = sampling_from_config(rollout_cfg, greedy)
   episodes = make_episodes(records, engine.hf_tokenizer, cfg, rng, n=n,
                            policy_version=policy_version, template=template,
@@ -55,10 +51,10 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
   if driver == "native":
     from stepsearch_jax.rollout.native import run_native
     stats = run_native(engine, episodes, retriever, sampling, cfg,
-                       buckets=tuple(rollout_cfg.get("prefill_buckets", ())),
-                       decode_steps=int(rollout_cfg.get("decode_steps_per_call", 8)),
-                       max_decode_steps=int(rollout_cfg.get("max_decode_steps_per_call", 64)),
-                       share_prefix=bool(rollout_cfg.get("share_prefix", True)))
+                       buckets=tuple(rollout_cfg.prefill_buckets),
+                       decode_steps=int(rollout_cfg.decode_steps_per_call),
+                       max_decode_steps=int(rollout_cfg.max_decode_steps_per_call),
+                       share_prefix=bool(rollout_cfg.share_prefix))
   elif driver == "jetstream":
     if jax.process_count() > 1:
       raise ValueError("config.rollout.driver='jetstream' runs on one process (its orchestrator "

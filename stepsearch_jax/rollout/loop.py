@@ -63,23 +63,22 @@ class LoopConfig:
 
   @classmethod
   def from_config(cls, rollout_cfg: Any, topk: int = 3) -> "LoopConfig":
-    get = rollout_cfg.get if hasattr(rollout_cfg, "get") else lambda k, d: getattr(rollout_cfg, k, d)
-    max_context = int(get("max_context", 4096))
-    return cls(max_turns=int(get("max_turns", 5)),
-               max_tokens_per_turn=int(get("max_tokens_per_turn", 800)),
-               max_obs_tokens=int(get("max_obs_tokens", 800)), max_context=max_context,
-               max_start=int(get("max_start", 2048)),
-               max_response_tokens=int(get("max_response_tokens", max_context)),
-               topk=int(get("topk", topk)), **inserted_texts(rollout_cfg))
+    """From config.rollout; `topk` is the retriever's (config.retrieval.topk)."""
+    r = rollout_cfg
+    return cls(max_turns=r.max_turns, max_tokens_per_turn=r.max_tokens_per_turn,
+               max_obs_tokens=r.max_obs_tokens, max_context=r.max_context,
+               max_start=r.max_start, topk=topk,
+               max_response_tokens=r.max_context if r.max_response_tokens < 0
+               else r.max_response_tokens,
+               **inserted_texts(r))
 
 
 def inserted_texts(rollout_cfg: Any) -> dict:
   """{invalid_action, last_turn}: ours, or the files config.rollout.*_text name."""
   from stepsearch_jax.data.templates import load_text
-  get = rollout_cfg.get if hasattr(rollout_cfg, "get") else lambda k, d: getattr(rollout_cfg, k, d)
-  return dict(invalid_action=load_text(get("invalid_action_text", ""), INVALID_ACTION,
+  return dict(invalid_action=load_text(rollout_cfg.invalid_action_text, INVALID_ACTION,
                                        "config.rollout.invalid_action_text"),
-              last_turn=load_text(get("last_turn_text", ""), LAST_TURN,
+              last_turn=load_text(rollout_cfg.last_turn_text, LAST_TURN,
                                   "config.rollout.last_turn_text"))
 
 
