@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from stepsearch_jax import models
+from stepsearch_jax import models, texts
 from stepsearch_jax.data import records as records_lib
 
 
@@ -77,20 +77,19 @@ def prepare_data(cfg, workdir: str):
   return train, val, world, corpus
 
 
-def tokenizer_texts(world, train, val, template: str = "think", rollout_cfg=None) -> list[str]:
+def tokenizer_texts(world, train, val, template: str, rollout_cfg) -> list[str]:
   """Every text the demo tokenizer must encode losslessly: passages, prompts, demos, warnings."""
   from stepsearch_jax.data import synthetic
-  from stepsearch_jax.rollout import loop
-  warnings = loop.inserted_texts(rollout_cfg or {})
-  texts = [warnings["invalid_action"], warnings["last_turn"], "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
-  texts += [f"{r['title']} {r['content']}" for r in world.corpus]
-  texts += [records_lib.render_prompt(None, r, template) for r in train + val]
+  warnings = texts.inserted_texts(rollout_cfg)
+  out = [warnings["invalid_action"], warnings["last_turn"], "Doc 1 Doc 2 Doc 3 Doc 4 Doc 5 Title:"]
+  out += [f"{r['title']} {r['content']}" for r in world.corpus]
+  out += [records_lib.render_prompt(None, r, template) for r in train + val]
   rng = random.Random(0)
   for r in train[:300]:
     for quality in (1.0, 0.0):
-      texts += [t.get("text", "") + " " + t.get("query", "")
-                for t in synthetic.demonstration(r, world, quality=quality, rng=rng)]
-  return texts
+      out += [t.get("text", "") + " " + t.get("query", "")
+              for t in synthetic.demonstration(r, world, quality=quality, rng=rng)]
+  return out
 
 
 def resolve_model_path(path: str) -> str:
@@ -116,7 +115,8 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return wordlevel.load(out)
-  return wordlevel.train_wordlevel(tokenizer_texts(world, train, val, cfg.data.template, cfg.rollout), out)
+  return wordlevel.train_wordlevel(
+      tokenizer_texts(world, train, val, cfg.data.template, cfg.rollout), out)
 
 
 def start_retrieval(cfg, workdir: str, corpus: str):
@@ -185,7 +185,6 @@ def init_policy(cfg, tokenizer, key):
 def demonstration_examples(cfg, ws: Workspace) -> list[tuple[list[int], list[int]]]:
   """(ids, loss_mask) warm-start examples: prompt + a demonstration with real retrieval results."""
   from stepsearch_jax.data import synthetic
-  from stepsearch_jax.rollout import loop
   tok, rng = ws.tokenizer, random.Random(cfg.sft.seed)
   records = ws.train_records[:cfg.sft.num_examples]
   flaws = synthetic.parse_flaws(cfg.sft.flaws)
@@ -193,20 +192,8 @@ def demonstration_examples(cfg, ws: Workspace) -> list[tuple[list[int], list[int
            for r in records]
   queries = sorted({t["query"] for d in demos for t in d if t["kind"] == "search"})
   results = dict(zip(queries, ws.retriever.search(queries))) if queries else {}
-  out = []
-  for r, demo in zip(records, demos):
-    ids = list(tok.encode(loop.prompt_text(r, tok, cfg.data.template), add_special_tokens=False))
-    mask = [0] * len(ids)
-    for turn in demo:
-      if turn["kind"] == "model":
-        piece, m = tok.encode(turn["text"], add_special_tokens=False), 1
-      else:
-        docs = [x["document"] for x in results[turn["query"]]]
-        piece, m = tok.encode(loop.format_information(docs), add_special_tokens=False), 0
-      ids += piece
-      mask += [m] * len(piece)
-    out.append((ids, mask))
-  return out
+  return [texts.demonstration_ids(tok, texts.prompt_text(r, tok, cfg.data.template), demo,
+                                  results) for r, demo in zip(records, demos)]
 
 
 def warm_started_policy(cfg, ws: Workspace, config, params):

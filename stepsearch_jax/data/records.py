@@ -214,7 +214,8 @@ def render_prompt(tokenizer, record_or_question: Record | str, template: str | N
   """Prompt text: the template (None = the record's stored prompt), then the chat template.
 
   As in the released dataset code the prompt is one user message with
-  ``add_generation_prompt=True``; a tokenizer without a chat template gets the plain user text.
+  ``add_generation_prompt=True``; a tokenizer without a chat template gets the plain user text
+  (`texts.chat`, the rollouts' rendering).
   """
   if isinstance(record_or_question, Record):
     if template is None:
@@ -225,6 +226,5 @@ def render_prompt(tokenizer, record_or_question: Record | str, template: str | N
   else:
     messages = [{"role": "user",
                  "content": templates.make_prompt(record_or_question, template or "think")}]
-  if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  return "\n".join(m["content"] for m in messages)
+  from stepsearch_jax.texts import chat
+  return chat(messages, tokenizer)

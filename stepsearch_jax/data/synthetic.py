@@ -33,6 +33,7 @@ from typing import Sequence
 
 from stepsearch_jax.data import templates
 from stepsearch_jax.data.records import Record, write_records
+from stepsearch_jax.texts import format_information
 
 _FIRST_A = ["Vor", "Kel", "Dra", "Mi", "Sel", "Tor", "Ama", "Bri", "Cal", "Dun", "Eri", "Fen",
             "Gal", "Hes", "Iv", "Jor", "Lun", "Mar", "Nev", "Or", "Pel", "Quin", "Ras", "Sor"]
@@ -88,13 +89,6 @@ def search_keys_for(subject: str, relation: str) -> list[str]:
   noun = RELATIONS[relation][2]
   return [f"{subject} {noun}", f"{noun} of {subject}"] + [
       k.format(s=subject) for k in RELATIONS[relation][4]]
-
-
-def format_information(docs: Sequence[dict]) -> str:
-  """The observation block of method §1.4 for corpus rows {id, title, content}."""
-  body = "".join(f"Doc {i}<## Title: {d['title']} ##> {d['content']}\n"
-                 for i, d in enumerate(docs, 1))
-  return "\n\n<information> " + body.strip() + " </information>\n\n"
 
 
 @dataclasses.dataclass

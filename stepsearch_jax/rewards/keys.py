@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
+from stepsearch_jax.texts import INSERTED_RE
+
 _SEARCH = re.compile(r"<search>.*?</search>", re.DOTALL)
-_HIDDEN = re.compile(r"<(warning|information)>.*?</\1>", re.DOTALL)
 
 
 def parse_queries(text: str, skip_inserted: bool = False) -> list[str]:
@@ -25,7 +26,7 @@ def parse_queries(text: str, skip_inserted: bool = False) -> list[str]:
   first so only the model's own searches count.
   """
   if skip_inserted:
-    text = _HIDDEN.sub(" ", text)
+    text = INSERTED_RE.sub(" ", text)
   return [re.sub(r"</?search>", "", m).strip() for m in _SEARCH.findall(text)]
 
 

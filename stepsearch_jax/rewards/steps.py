@@ -16,15 +16,15 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from stepsearch_jax.rewards.tfidf import GoldSet
+from stepsearch_jax.texts import STEP_RE
 
-_STEP = re.compile(r"<search>.*?</search>\s*<information>(.*?)</information>", re.DOTALL)
 _LABEL_SUFFIX = re.compile(r"\s*Doc \d+$")
 
 
 def parse_step_docs(text: str) -> list[list[str]]:
   """Documents of each retrieval step, as the released reward extracts them (suffix kept)."""
   steps = []
-  for m in _STEP.finditer(text):
+  for m in STEP_RE.finditer(text):
     block = m.group(1).strip()
     steps.append([piece.split("<##")[0].strip() for piece in block.split("##>")[1:]])
   return steps

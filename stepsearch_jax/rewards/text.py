@@ -20,10 +20,11 @@ import string
 from collections import Counter
 from typing import Iterable, Sequence
 
+from stepsearch_jax.texts import ANSWER_RE
+
 _PUNCT = frozenset(string.punctuation)
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def normalize(s: str, punct_to_space: bool = False) -> str:
@@ -78,7 +79,7 @@ def em(pred: str | None, golds: str | Sequence[str]) -> float:
 
 def extract_answer(text: str) -> str | None:
   """Content of the last ``<answer>...</answer>`` (DOTALL), stripped; None when there is none."""
-  matches = _ANSWER.findall(text)
+  matches = ANSWER_RE.findall(text)
   return matches[-1].strip() if matches else None
 
 

@@ -20,7 +20,6 @@ retrieval runs; both feed the same `Episode`s, so their greedy trajectories are 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 import jax
@@ -28,25 +27,10 @@ import numpy as np
 
 from stepsearch_jax.rollout.trajectory import Trajectory
 
-ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
-SEARCH_END, ANSWER_END = "</search>", "</answer>"
-# The two StepSearch warnings, in our own words (method §1.3 paraphrases the released texts).
-INVALID_ACTION = ("\n<warning> That action was not valid. To search, I have to write the query "
-                  "between <search> and </search>. To give my final answer, I have to write it "
-                  "between <answer> and </answer>. I will try again. </warning>\n")
-LAST_TURN = ("<warning> I cannot use <search></search> any more. I have to reason with the "
-             "information I already have and now write a final thought and the answer. "
-             "</warning>\n\n")
-
-
-def format_information(documents: Sequence[dict]) -> str:
-  from stepsearch_jax.rollout import retriever  # the retrieval helper's module (contract)
-  return retriever.format_information(documents)
-
-
-def doc_title_text(document: dict) -> tuple[str, str]:
-  from stepsearch_jax.rollout import retriever
-  return retriever.doc_title_text(document)
+from stepsearch_jax.texts import (ACTION_RE, ANSWER_END, INVALID_ACTION, LAST_TURN,  # noqa: F401
+                                  SEARCH_END, doc_title_text, format_information,
+                                  inserted_texts, prompt_text)
+from stepsearch_jax.texts import record_field as _field
 
 
 @dataclasses.dataclass
@@ -71,42 +55,6 @@ class LoopConfig:
                max_response_tokens=r.max_context if r.max_response_tokens < 0
                else r.max_response_tokens,
                **inserted_texts(r))
-
-
-def inserted_texts(rollout_cfg: Any) -> dict:
-  """{invalid_action, last_turn}: ours, or the files config.rollout.*_text name."""
-  from stepsearch_jax.data.templates import load_text
-  return dict(invalid_action=load_text(rollout_cfg.invalid_action_text, INVALID_ACTION,
-                                       "config.rollout.invalid_action_text"),
-              last_turn=load_text(rollout_cfg.last_turn_text, LAST_TURN,
-                                  "config.rollout.last_turn_text"))
-
-
-def _field(record: Any, name: str, default: Any = None) -> Any:
-  if isinstance(record, dict):
-    return record.get(name, default)
-  return getattr(record, name, default)
-
-
-def prompt_text(record: Any, tokenizer: Any, template: str = "think") -> str:
-  """The prompt string: `prompt_text` as is, else `prompt` chat messages (or `question` put
-  into the method's template) through the tokenizer's chat template when it has one."""
-  text = _field(record, "prompt_text")
-  if text:
-    return str(text)
-  messages = _field(record, "prompt")
-  if isinstance(messages, str):
-    return messages
-  if not messages:
-    question = _field(record, "question")
-    if not question:
-      raise ValueError(f"record {_field(record, 'id')!r} has none of prompt_text, prompt, question")
-    from stepsearch_jax.data.templates import make_prompt
-    messages = [{"role": "user", "content": make_prompt(question, template)}]
-  messages = [dict(m) for m in messages]
-  if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  return "".join(m["content"] for m in messages)
 
 
 def _ground_truth(record: Any) -> dict:

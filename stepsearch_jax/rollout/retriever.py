@@ -1,4 +1,4 @@
-"""Retrievers (the `Retriever` protocol and its backends) and the `<information>` formatting.
+"""Retrievers: the `Retriever` protocol and its backends (the `<information>` text is in texts.py).
 
 A retriever answers a batch of queries with one `{"document", "score"}` list per query (the
 Search-R1 shape), names what it searches with `fingerprint()` (pinned into checkpoints, so a resumed
@@ -20,6 +20,8 @@ import time
 from typing import Callable, Protocol, Sequence
 
 import httpx
+
+from stepsearch_jax.texts import doc_title_text, format_information  # noqa: F401  (re-export)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -213,31 +215,6 @@ def _detail(r: httpx.Response) -> str:
     return str(r.json().get("detail", r.text))[:500]
   except (ValueError, AttributeError):
     return r.text[:500]
-
-
-def doc_title_text(document: dict) -> tuple[str, str]:
-  """(title, text) of a corpus row as `_passages2string` reads it (method §1.4).
-
-  `{"contents": '"Title"\\ntext'}`: title is the first line (quotes kept), text the other lines.
-  `{"title", "content"}`: the fields as they are. A `{"document", "score"}` hit is unwrapped.
-  """
-  if "document" in document and isinstance(document["document"], dict):
-    document = document["document"]
-  if "contents" in document:
-    lines = document["contents"].split("\n")
-    return lines[0], "\n".join(lines[1:])
-  if "title" in document and "content" in document:
-    return document["title"], document["content"]
-  raise KeyError(f"document has neither 'contents' nor 'title'+'content': keys {sorted(document)}")
-
-
-def format_information(documents: Sequence[dict]) -> str:
-  """The observation block appended after a `</search>` turn (method §1.3-1.4)."""
-  lines = []
-  for i, doc in enumerate(documents, 1):
-    title, text = doc_title_text(doc)
-    lines.append(f"Doc {i}<## Title: {title} ##> {text}\n")
-  return "\n\n<information> " + "".join(lines).strip() + " </information>\n\n"
 
 
 def ensure_index(rcfg, workdir: str, corpus: str) -> str:

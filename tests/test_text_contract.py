@@ -1,0 +1,62 @@
+"""The warm start, the rollouts and the rewards read one text contract (stepsearch_jax/texts.py):
+on the same trajectory they agree token for token."""
+
+import random
+
+import numpy as np
+import pytest
+
+from stepsearch_jax import config as config_lib
+from stepsearch_jax import texts
+from stepsearch_jax.data import synthetic, wordlevel
+from stepsearch_jax.data.records import load_records
+from stepsearch_jax.rewards import steps as steps_lib
+from stepsearch_jax.rewards import text as text_lib
+from stepsearch_jax.rollout import loop
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  out = tmp_path_factory.mktemp("contract")
+  paths = synthetic.make_world(str(out), seed=3, num_people=40, num_train=24, num_test=8)
+  train = load_records(paths["train"])
+  rcfg = config_lib.base_config().rollout
+  from stepsearch_jax.workspace import tokenizer_texts
+  tok = wordlevel.train_wordlevel(
+      tokenizer_texts(paths["world"], train, [], "think", rcfg), str(out / "tok"))
+  return paths["world"], train, tok, rcfg
+
+
+@pytest.mark.parametrize("quality", [1.0, 0.0])
+def test_demonstration_equals_rollout_and_rewards_read_it(world, quality):
+  w, train, tok, rcfg = world
+  rcfg = rcfg.copy_and_resolve_references()
+  rcfg.max_turns, rcfg.max_context, rcfg.max_response_tokens = 10, 8192, 8192
+  lcfg = loop.LoopConfig.from_config(rcfg, topk=3)
+  rng = random.Random(0)
+  for record in train[:6]:
+    turns = synthetic.demonstration(record, w, quality=quality, rng=rng)
+    results = {t["query"]: [{"document": d, "score": 1.0} for d in w.search(t["query"], 3)]
+               for t in turns if t["kind"] == "search"}
+    prompt = texts.prompt_text(record, tok, "think")
+    demo_ids, demo_mask = texts.demonstration_ids(tok, prompt, turns, results)
+
+    # The rollout: the same model turns "generated", the same hits observed.
+    ep = loop.Episode(record, tok, lcfg, key=np.zeros(2, np.uint32), template="think")
+    for turn in turns:
+      if turn["kind"] == "model":
+        ids = tok.encode(turn["text"], add_special_tokens=False)
+        action = ep.finish_turn(ids, [0.0] * len(ids))
+      else:
+        assert action == "search" and ep.query == turn["query"]
+        ep.observe_search(results[turn["query"]])
+    t = ep.traj
+    assert t.prompt_ids + t.response_ids == demo_ids, record.id
+    assert [0] * len(t.prompt_ids) + t.loss_mask == demo_mask, record.id
+
+    # The rewards: each step's documents and the answer, parsed back from the response text.
+    parsed = steps_lib.parse_step_docs(t.response_text)
+    want = [[texts.doc_title_text(h)[1] for h in results[q]] for q in t.queries]
+    assert [[steps_lib.strip_doc_label(d) for d in step] for step in parsed] == [
+        [" ".join(x.split()) for x in step] for step in want], record.id
+    assert text_lib.extract_answer(t.response_text) == t.answer
