@@ -17,9 +17,6 @@ import ml_collections
 
 # Placeholder for "no value": ConfigDict keeps the type of the first assigned value, so string keys
 # that may be unset default to "" and optional numbers to -1 (documented per key).
-ALGORITHMS = ("steppo", "ppo", "grpo")
-REWARD_PRESETS = ("paper", "released")
-DRIVERS = ("native", "jetstream")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -164,8 +161,13 @@ def _choice(cfg, key, allowed):
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Check values that are only wrong in combination; every message names the key."""
+  # Allowed names come from the registries themselves (imported here, not at module level, so
+  # reading a config file needs no jax).
+  from stepsearch_jax.ppo.algorithms import ALGORITHMS
+  from stepsearch_jax.rewards.score import PRESETS
+  from stepsearch_jax.rollout.driver import DRIVERS
   _choice(cfg, "algo.name", ALGORITHMS)
-  _choice(cfg, "reward.preset", REWARD_PRESETS)
+  _choice(cfg, "reward.preset", PRESETS)
   _choice(cfg, "rollout.driver", DRIVERS)
   from stepsearch_jax.data import templates       # no jax: config stays light
   try:

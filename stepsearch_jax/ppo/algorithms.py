@@ -41,7 +41,7 @@ class AdvantageParams:
   def from_config(cls, algo_cfg) -> "AdvantageParams":
     return cls(gamma=float(algo_cfg.gamma), lam=float(algo_cfg.lam),
                kl_coef=float(algo_cfg.kl_coef), whiten_mask=str(algo_cfg.whiten_mask),
-               grpo_eps=float(algo_cfg.get("grpo_eps", 1e-6)))
+               grpo_eps=float(algo_cfg.grpo_eps))
 
 
 def _mask(batch: PPOBatch, which: str):
@@ -116,12 +116,21 @@ class Algorithm:
 
 _OUTCOME = (("search_steps_reward", False), ("search_key_reward", False))
 
+
+def _ablation(name: str, term: str) -> Algorithm:
+  """StePPO without one reward term (method §7.3)."""
+  return Algorithm(name, uses_critic=True, advantage="gae", reward_overrides=((term, False),))
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     "steppo": Algorithm("steppo", uses_critic=True, advantage="gae"),
     "ppo": Algorithm("ppo", uses_critic=True, advantage="gae", outcome_only=True,
                      reward_overrides=_OUTCOME),
     "grpo": Algorithm("grpo", uses_critic=False, advantage="grpo", outcome_only=True,
                       reward_overrides=_OUTCOME),
+    "steppo-no-info-gain": _ablation("steppo-no-info-gain", "information_gain"),
+    "steppo-no-redundancy": _ablation("steppo-no-redundancy", "redundancy_penalty"),
+    "steppo-no-key": _ablation("steppo-no-key", "search_key_reward"),
 }
 
 

@@ -18,6 +18,30 @@ from stepsearch_jax.rollout.loop import LoopConfig, make_episodes
 from stepsearch_jax.rollout.trajectory import Trajectory
 
 
+def _native(engine, episodes, retriever, sampling, cfg, rollout_cfg, score_logprobs) -> dict:
+  from stepsearch_jax.rollout.native import run_native
+  del score_logprobs   # the native driver always returns the sampler's log-probabilities
+  return run_native(engine, episodes, retriever, sampling, cfg,
+                    buckets=tuple(rollout_cfg.prefill_buckets),
+                    decode_steps=int(rollout_cfg.decode_steps_per_call),
+                    max_decode_steps=int(rollout_cfg.max_decode_steps_per_call),
+                    share_prefix=bool(rollout_cfg.share_prefix))
+
+
+def _jetstream(engine, episodes, retriever, sampling, cfg, rollout_cfg, score_logprobs) -> dict:
+  del rollout_cfg
+  if jax.process_count() > 1:
+    raise ValueError("config.rollout.driver='jetstream' runs on one process (its orchestrator "
+                     "threads decide by timing); use driver='native' on several hosts")
+  from stepsearch_jax.rollout.jetstream_driver import run_jetstream
+  return run_jetstream(engine, episodes, retriever, sampling, cfg, score_logprobs=score_logprobs)
+
+
+# config.rollout.driver -> runner(engine, episodes, retriever, sampling, loop cfg, config.rollout,
+# score_logprobs) -> stats. Both feed the same Episodes, so greedy trajectories are identical.
+DRIVERS = {"native": _native, "jetstream": _jetstream}
+
+
 class RolloutResult(list):
   """A list of Trajectory with `.stats` (timings: decode_s, retrieval_s, ..., tokens_per_s)."""
   stats: dict
@@ -48,22 +72,9 @@ def rollout(engine: StepSearchEngine, records: Sequence[Any], rollout_cfg: Any, 
   episodes = make_episodes(records, engine.hf_tokenizer, cfg, rng, n=n,
                            policy_version=policy_version, template=template,
                            eos_ids=engine.eos_ids)
-  if driver == "native":
-    from stepsearch_jax.rollout.native import run_native
-    stats = run_native(engine, episodes, retriever, sampling, cfg,
-                       buckets=tuple(rollout_cfg.prefill_buckets),
-                       decode_steps=int(rollout_cfg.decode_steps_per_call),
-                       max_decode_steps=int(rollout_cfg.max_decode_steps_per_call),
-                       share_prefix=bool(rollout_cfg.share_prefix))
-  elif driver == "jetstream":
-    if jax.process_count() > 1:
-      raise ValueError("config.rollout.driver='jetstream' runs on one process (its orchestrator "
-                       "threads decide by timing); use driver='native' on several hosts")
-    from stepsearch_jax.rollout.jetstream_driver import run_jetstream
-    stats = run_jetstream(engine, episodes, retriever, sampling, cfg,
-                          score_logprobs=score_logprobs)
-  else:
-    raise ValueError(f"config.rollout.driver={driver!r} is not one of ['native', 'jetstream']")
+  if driver not in DRIVERS:
+    raise ValueError(f"config.rollout.driver={driver!r} is not one of {sorted(DRIVERS)}")
+  stats = DRIVERS[driver](engine, episodes, retriever, sampling, cfg, rollout_cfg, score_logprobs)
   out = RolloutResult(ep.traj for ep in episodes)
   for t in out:
     t.check()
