@@ -25,10 +25,11 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "tests"))  # test-support modules (tests/synthetic_corpus.py)
 
 from retrieval import build_index  # noqa: E402
 from retrieval.encoder import enable_compilation_cache  # noqa: E402
-from retrieval.synthetic_corpus import _words, write_corpus  # noqa: E402
+from synthetic_corpus import _words, write_corpus  # noqa: E402
 
 TOPK = 3
 

@@ -3,7 +3,7 @@
   .venv/bin/python bench/rollout.py [--batches 1,8,32] [--out bench/results/rollout.json]
 
 One run builds the synthetic world, its BM25 index behind the real retrieval server, and a small
-word-level policy warm-started to search (stepsearch_jax.rollout.toy). Then, for each batch size,
+word-level policy warm-started to search (tests/toy_world.py). Then, for each batch size,
 the same greedy 5-turn search rollout (max_turns=5, then the final answer turn) is run by
   native:    our continuous-batching driver (slots kept across turns, appended tokens prefilled
              in one batched call, the prompts' common prefix prefilled once and copied,
@@ -33,6 +33,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "tests"))  # test-support modules (tests/toy_world.py)
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -41,9 +42,10 @@ import numpy as np  # noqa: E402
 from stepsearch_jax import hostmem, models  # noqa: E402
 from stepsearch_jax.config import base_config  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
-from stepsearch_jax.rollout import loop, toy  # noqa: E402
+from stepsearch_jax.rollout import loop  # noqa: E402
 from stepsearch_jax.rollout.driver import RolloutResult, rollout  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
+import toy_world  # noqa: E402
 
 
 def torch_rollout(hf, tok, records, cfg: loop.LoopConfig, retriever,
@@ -112,7 +114,7 @@ def main() -> None:
   from retrieval.server import start_subprocess
 
   work = args.workdir or tempfile.mkdtemp(prefix="bench_rollout_")
-  world = toy.build_world(work, num_people=60, num_train=128, num_test=max(batches))
+  world = toy_world.build_world(work, num_people=60, num_train=128, num_test=max(batches))
   proc, url = start_subprocess(world["index_dir"], timeout_s=120)
   try:
     retriever = RetrieverClient(url, topk=3)
@@ -120,9 +122,10 @@ def main() -> None:
     if os.path.exists(os.path.join(hf_dir, "config.json")):
       config, params = models.load_pretrained(hf_dir)
     else:
-      config, params = toy.train_policy(world, retriever, hidden=args.hidden, layers=args.layers,
-                                        steps=args.sft_steps, batch_size=8, lr=3e-3, limit=128,
-                                        tie_word_embeddings=False)
+      config, params = toy_world.train_policy(world, retriever, hidden=args.hidden,
+                                              layers=args.layers, steps=args.sft_steps,
+                                              batch_size=8, lr=3e-3, limit=128,
+                                              tie_word_embeddings=False)
       models.save_pretrained(hf_dir, config, params)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
     tok = world["tokenizer"]

@@ -32,10 +32,6 @@ INDEX_TYPES = ("flat", "hnsw", "ivf", "bm25")
 FORMAT_VERSION = 1
 
 
-class BuildInterrupted(RuntimeError):
-  """Raised by the `stop_after_chunks` hook that tests use to simulate a killed build."""
-
-
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -102,7 +98,7 @@ def _make_faiss(emb: np.ndarray, index_type: str):
   return index
 
 
-def _encode_chunks(texts, index_dir, enc, chunk_size, state_sig, stop_after_chunks, progress):
+def _encode_chunks(texts, index_dir, enc, chunk_size, state_sig, progress):
   """Fill embeddings.zarr chunk by chunk, skipping chunks a previous run finished."""
   import tensorstore as ts
   from tqdm import tqdm
@@ -133,9 +129,6 @@ def _encode_chunks(texts, index_dir, enc, chunk_size, state_sig, stop_after_chun
              unit="passage", desc="encoding", disable=not progress)
   encoded = 0
   for c in chunks:
-    if stop_after_chunks is not None and encoded >= stop_after_chunks:
-      bar.close()
-      raise BuildInterrupted(f"stopped after {encoded} chunks (stop_after_chunks hook)")
     rows = order[c * chunk_size:(c + 1) * chunk_size]
     emb = enc.encode([texts[i] for i in rows], kind="passage")
     arr[c * chunk_size:c * chunk_size + len(rows)].write(emb).result()
@@ -149,7 +142,7 @@ def _encode_chunks(texts, index_dir, enc, chunk_size, state_sig, stop_after_chun
 
 def build(corpus: str, out: str, encoder: str | None = None, index_type: str = "flat",
           dtype: str = "float32", chunk_size: int = 1024, batch_size: int = 64,
-          progress: bool = True, stop_after_chunks: int | None = None) -> dict:
+          progress: bool = True) -> dict:
   """Build (or resume, or reuse) an index directory; returns the manifest with `chunks_encoded`."""
   if index_type not in INDEX_TYPES:
     raise ValueError(f"--index {index_type!r} is not one of {list(INDEX_TYPES)}")
@@ -180,7 +173,7 @@ def build(corpus: str, out: str, encoder: str | None = None, index_type: str = "
     if old and old.get("index_type") == index_type and _read_json(
         os.path.join(out, "build_state.json")) == state_sig:
       return {**old, "chunks_encoded": 0}   # already complete and identical
-    encoded = _encode_chunks(texts, out, enc, chunk_size, state_sig, stop_after_chunks, progress)
+    encoded = _encode_chunks(texts, out, enc, chunk_size, state_sig, progress)
     emb = load_embeddings(out)
     faiss.write_index(_make_faiss(emb, index_type), os.path.join(out, "index.faiss"))
     manifest.update(encoder=ident, dim=enc.dim)
@@ -200,20 +193,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--chunk_size", type=int, default=1024, help="passages per resumable chunk")
   p.add_argument("--batch_size", type=int, default=64, help="passages per encoder call")
-  p.add_argument("--stop_after_chunks", type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.index != "bm25":
     from retrieval.encoder import enable_compilation_cache
     enable_compilation_cache()
   try:
-    m = build(a.corpus, a.out, a.encoder, a.index, a.dtype, a.chunk_size, a.batch_size,
-              stop_after_chunks=a.stop_after_chunks)
+    m = build(a.corpus, a.out, a.encoder, a.index, a.dtype, a.chunk_size, a.batch_size)
   except (corpus_lib.CorpusError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except BuildInterrupted as e:
-    print(f"interrupted: {e}; rerun the same command to resume", file=sys.stderr)
-    return 3
   print(json.dumps({k: m[k] for k in ("fingerprint", "num_passages", "index_type", "dim",
                                       "chunks_encoded")}))
   return 0

@@ -444,6 +444,20 @@ def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+# What a trainer's environment says about ITS accelerator, which the sidecar must not inherit.
+_ACCELERATOR_ENV = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                    "XLA_PYTHON_CLIENT_ALLOCATOR", "CUDA_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS",
+                    "TPU_PROCESS_BOUNDS", "TPU_CHIPS_PER_PROCESS_BOUNDS")
+
+
+def sidecar_env(env: dict) -> dict:
+  """The sidecar's environment: JAX on the CPU (the encoder is small; the trainer's GPU or TPU
+  memory stays the trainer's), and none of the trainer's accelerator settings."""
+  out = {k: v for k, v in env.items() if k not in _ACCELERATOR_ENV}
+  out["JAX_PLATFORMS"] = "cpu"
+  return out
+
+
 def start_subprocess(index_dir: str | None, port: int | None = None, host: str = LOOPBACK,
                      token: str | None = None, timeout_s: float = 300.0,
                      extra_args: Sequence[str] = (), env: dict | None = None
@@ -466,7 +480,7 @@ def start_subprocess(index_dir: str | None, port: int | None = None, host: str =
   if token:
     cmd += ["--token", token]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc_env = {**os.environ, **(env or {})}
+  proc_env = sidecar_env({**os.environ, **(env or {})})
   proc_env["PYTHONPATH"] = root + os.pathsep + proc_env.get("PYTHONPATH", "")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
   proc.log_path = log.name

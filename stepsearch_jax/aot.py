@@ -152,7 +152,7 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
   from stepsearch_jax import ppo
   from stepsearch_jax.engine import placement as placement_lib
   from stepsearch_jax.engine import programs as programs_lib
-  from stepsearch_jax.models import decoder
+  from stepsearch_jax.models.params import param_shapes
   from stepsearch_jax.models.sharding import logical_sharding, param_shardings
   from stepsearch_jax.ppo import algorithms
   from stepsearch_jax.ppo.logprobs import make_prepare_fn
@@ -171,7 +171,7 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
                                          cfg.optim, updates)
   critic_tx, critic_sched = make_optimizer(float(cfg.optim.critic_lr),
                                            int(cfg.optim.critic_warmup), cfg.optim, updates)
-  pol = decoder.param_shapes(mc)
+  pol = param_shapes(mc)
   pol_sh = param_shardings(mc, pol, mesh)
   policy = _abstract(pol, pol_sh)
 
@@ -182,7 +182,7 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
   state = {"policy": policy, "policy_opt": opt(actor_tx, pol, pol_sh), "critic": None,
            "critic_opt": None, "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
   if algo.uses_critic:
-    cri = decoder.param_shapes(mc, value=True)
+    cri = param_shapes(mc, value=True)
     cri_sh = param_shardings(mc, cri, mesh)
     state["critic"] = _abstract(cri, cri_sh)
     state["critic_opt"] = opt(critic_tx, cri, cri_sh)

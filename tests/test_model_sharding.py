@@ -111,3 +111,43 @@ def test_rules_drop_axes_that_do_not_divide():
     sharding.logical_to_spec(("bogus",))
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh((2, 4, 2))
+
+
+
+@pytest.mark.parametrize("kw", [dict(model_type="qwen2"),
+                                dict(model_type="llama", tie_word_embeddings=False,
+                                     param_dtype="bfloat16")])
+def test_param_tables_match_the_built_model(kw):
+  """params.py (what sharding reads) describes exactly the parameters decoder.py builds."""
+  import jax
+  from flax import nnx
+  from stepsearch_jax import models
+  from stepsearch_jax.models import decoder, params as params_lib
+  cfg = models.ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=8, **kw)
+  for value in (False, True):
+    _, state = decoder.graph(cfg, value)
+    built = {tuple(path): (var.shape, var.dtype, var.get_metadata()["logical_axes"])
+             for path, var in nnx.to_flat_state(state)}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params_lib.layout(cfg, value), is_leaf=lambda x: isinstance(x, params_lib.ParamSpec))[0]
+    table = {tuple(k.key for k in path): (spec.shape, spec.dtype, spec.axes)
+             for path, spec in leaves}
+    assert table == built
+
+
+def test_sharding_and_params_never_import_the_model():
+  """No import cycle: the model imports sharding and params, neither of them imports the model."""
+  import ast
+  import pathlib
+  models_dir = pathlib.Path(sharding.__file__).parent
+  for name, forbidden in (("sharding", {"decoder", "api", "hf"}),
+                          ("params", {"decoder", "api", "hf", "sharding"})):
+    tree = ast.parse((models_dir / f"{name}.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        imported |= {node.module.rsplit(".", 1)[-1]} | {a.name for a in node.names}
+      elif isinstance(node, ast.Import):
+        imported |= {a.name.rsplit(".", 1)[-1] for a in node.names}
+    assert not imported & forbidden, f"{name}.py imports {imported & forbidden}"

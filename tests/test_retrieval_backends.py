@@ -13,9 +13,9 @@ import pytest
 
 from retrieval import build_index, server as server_lib
 from retrieval.searcher import Searcher
-from retrieval.synthetic_corpus import write_corpus
 from stepsearch_jax.rollout.retriever import (InProcessRetriever, RetrieverClient, base_url,
                                               probe_fingerprint, PROBE_QUERIES)
+from synthetic_corpus import write_corpus
 
 
 def serve(index_dir: str, health: bool = True):
@@ -131,3 +131,20 @@ def test_train_and_evaluate_on_a_search_r1_style_server(train_runs, train_base, 
           "rollout/searches", "rollout/response_len", "pg_loss", "vf_loss", "entropy"]
   for k in keys:
     assert got[0][k] == pytest.approx(want[0][k], rel=1e-4, abs=1e-6), k
+
+
+def test_sidecar_runs_on_cpu_whatever_the_trainer_sets(indexes):
+  """A GPU/TPU trainer's settings do not reach the sidecar: with JAX_PLATFORMS=cuda inherited it
+  could not start on this machine (no CUDA), and a memory fraction would take accelerator memory."""
+  env = server_lib.sidecar_env({"JAX_PLATFORMS": "cuda", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9",
+                                "HOME": "/root"})
+  assert env == {"JAX_PLATFORMS": "cpu", "HOME": "/root"}
+  proc, url = server_lib.start_subprocess(
+      indexes["flat"], env={"JAX_PLATFORMS": "cuda", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"},
+      extra_args=["--warmup_batch", "1"], timeout_s=240)
+  try:
+    with RetrieverClient(url, topk=2, retries=0) as client:
+      assert len(client.search(["alpha"])[0]) == 2
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)

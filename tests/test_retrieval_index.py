@@ -9,9 +9,30 @@ import numpy as np
 import pytest
 
 from retrieval import build_index, corpus as corpus_lib
-from retrieval.synthetic_corpus import write_corpus
+from synthetic_corpus import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Killed(BaseException):
+  """A kill -9 mid-build, in process: build() has no except or finally, so it leaves the index
+  directory exactly as a killed process would."""
+
+
+def build_killed_at_chunk(chunk: int, *args, **kw) -> None:
+  """Run build_index.build and kill it while it encodes its `chunk`-th chunk (0-based) this run."""
+  from retrieval.encoder import Encoder
+  real, calls = Encoder.encode, []
+
+  def encode(self, texts, kind="query"):
+    if kind == "passage":
+      if len(calls) == chunk:
+        raise Killed
+      calls.append(len(texts))
+    return real(self, texts, kind)
+  with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
+    mp.setattr(Encoder, "encode", encode)
+    build_index.build(*args, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +109,7 @@ def test_manifest_and_exact_index(full_build, corpus_path):
 def test_resumed_build_equals_uninterrupted(full_build, corpus_path, tmp_path):
   out_full, m_full = full_build
   out = str(tmp_path / "resumed")
-  with pytest.raises(build_index.BuildInterrupted):
-    build_index.build(corpus_path, out, chunk_size=48, batch_size=16, progress=False,
-                      stop_after_chunks=2)
+  build_killed_at_chunk(2, corpus_path, out, chunk_size=48, batch_size=16, progress=False)
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   assert json.load(open(os.path.join(out, "progress.json")))["done"] == [0, 1]
   m = build_index.build(corpus_path, out, chunk_size=48, batch_size=16, progress=False)
@@ -110,8 +129,7 @@ def test_changed_corpus_restarts_build(full_build, tmp_path):
   path = str(tmp_path / "other.jsonl")
   write_corpus(path, 60, seed=7, max_words=10)
   out = str(tmp_path / "idx")
-  with pytest.raises(build_index.BuildInterrupted):
-    build_index.build(path, out, chunk_size=48, progress=False, stop_after_chunks=1)
+  build_killed_at_chunk(1, path, out, chunk_size=48, progress=False)
   write_corpus(path, 60, seed=8, max_words=10)             # corpus changed under a killed build
   m = build_index.build(path, out, chunk_size=48, progress=False)
   assert m["chunks_encoded"] == 2                          # stale chunk was not reused

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from retrieval import build_index, corpus as corpus_lib, server as server_lib
-from retrieval.synthetic_corpus import write_corpus
 from stepsearch_jax.rollout.retriever import RetrievalError, RetrieverClient
+from synthetic_corpus import write_corpus
 
 LIMITS = ["--max_queries", "16", "--max_query_chars", "300", "--max_topk", "10",
           "--max_body_bytes", "20000", "--warmup_batch", "8"]

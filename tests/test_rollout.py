@@ -6,16 +6,17 @@ import pytest
 
 from stepsearch_jax import config as config_lib
 from stepsearch_jax.engine import StepSearchEngine
-from stepsearch_jax.rollout import loop, toy
+from stepsearch_jax.rollout import loop
 from stepsearch_jax.rollout.driver import rollout
 from stepsearch_jax.rollout.retriever import RetrieverClient, format_information
 from stepsearch_jax.rollout.trajectory import Trajectory
+import toy_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  return toy.build_world(str(tmp_path_factory.mktemp("world")), num_people=20, num_train=24,
-                         num_test=8)
+  return toy_world.build_world(str(tmp_path_factory.mktemp("world")), num_people=20,
+                               num_train=24, num_test=8)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def test_invalid_action_warning_answer_and_caps(world):
 @pytest.fixture(scope="module")
 def engine(world, server):
   retriever = RetrieverClient(server, topk=3)
-  config, params = toy.train_policy(world, retriever, steps=60, batch_size=8, lr=1e-2, limit=24)
+  config, params = toy_world.train_policy(world, retriever, steps=60, batch_size=8, lr=1e-2,
+                                          limit=24)
   return StepSearchEngine(config, params, world["tokenizer"], num_slots=4, cache_len=1024 + 81,
                           max_prefill_length=1024)
 

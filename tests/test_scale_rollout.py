@@ -15,16 +15,16 @@ import json, jax, numpy as np, ml_collections
 from retrieval.server import start_subprocess
 from stepsearch_jax.engine import StepSearchEngine
 from stepsearch_jax.models.sharding import make_mesh
-from stepsearch_jax.rollout import toy
 from stepsearch_jax.rollout.driver import rollout
 from stepsearch_jax.rollout.retriever import RetrieverClient
+import toy_world
 assert len(jax.devices()) == 8, jax.devices()
-world = toy.build_world(OUT + "/world", num_people=20, num_train=24, num_test=8)
+world = toy_world.build_world(OUT + "/world", num_people=20, num_train=24, num_test=8)
 proc, url = start_subprocess(world["index_dir"], timeout_s=120)
 try:
   retriever = RetrieverClient(url, topk=3)
-  config, params = toy.train_policy(world, retriever, hidden=128, steps=60, batch_size=8,
-                                    lr=1e-2, limit=24)
+  config, params = toy_world.train_policy(world, retriever, hidden=128, steps=60, batch_size=8,
+                                          lr=1e-2, limit=24)
   from stepsearch_jax import config as config_lib
   cfg = config_lib.base_config().rollout
   cfg.update(dict(driver="native", max_turns=3, max_tokens_per_turn=80, max_obs_tokens=800,
@@ -60,7 +60,8 @@ def test_greedy_rollouts_on_8_devices_equal_one_device_and_split_the_cache(tmp_p
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+  env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),  # tests/toy_world.py
+                                       env.get("PYTHONPATH", "")])
   proc = subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _SCRIPT], env=env,
                         capture_output=True, text=True, timeout=900, cwd=root)
   assert proc.returncode == 0, proc.stderr[-4000:]

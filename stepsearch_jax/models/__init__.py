@@ -1,6 +1,7 @@
 """Flax NNX Qwen2/Llama policy and value models: functional API on pure-dict params.
 
-See api.py (init/apply/KV cache/value), hf.py (HF folders), sharding.py (mesh and RULES).
+See api.py (init/apply/KV cache/value), hf.py (HF folders), params.py (parameter shapes and
+logical axes), sharding.py (mesh and RULES).
 """
 
 from stepsearch_jax.models.api import (CACHE_SEQ_AXIS, apply_lm, apply_value, cache_put_window,

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from stepsearch_jax.models import decoder
 from stepsearch_jax.models.config import ModelConfig
+from stepsearch_jax.models.params import param_shapes
 from stepsearch_jax.models.sharding import constrain, param_shardings
 
 Params = Any
@@ -37,7 +38,7 @@ def init_params(config: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None
   """Random init (normal 0.02, HF's initializer_range); sharded at creation when a mesh is given."""
   if mesh is None:
     return _init(config, rng, False)
-  out = param_shardings(config, decoder.param_shapes(config), mesh)
+  out = param_shardings(config, param_shapes(config), mesh)
   return jax.jit(_init, static_argnums=(0, 2), out_shardings=out)(config, rng, False)
 
 
@@ -173,7 +174,7 @@ def init_value_params(config: ModelConfig, rng: jax.Array, policy_params: Params
   if mesh is None:
     vparams = _init(config, rng, True)
   else:
-    out = param_shardings(config, decoder.param_shapes(config, value=True), mesh)
+    out = param_shardings(config, param_shapes(config, value=True), mesh)
     vparams = jax.jit(_init, static_argnums=(0, 2), out_shardings=out)(config, rng, True)
   if policy_params is not None:
     got = jax.tree_util.tree_flatten_with_path(policy_params)[0]

@@ -13,6 +13,9 @@ reads each layer's cache where it lies, in the layout its matmuls consume.
 
 Numerics: matmuls in ``config.dtype``, RMSNorm statistics, RoPE, attention softmax and logits in
 float32.
+
+Every parameter's shape, dtype, logical axes and initialiser come from the tables in params.py
+(which sharding, checkpoint loading and AOT compilation read without building the model).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stepsearch_jax.models import params as params_lib
 from stepsearch_jax.models.config import ModelConfig
 from stepsearch_jax.models.sharding import constrain
 
@@ -31,22 +35,27 @@ _F32 = jnp.float32
 _NEG = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
-def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> nnx.Param:
-  if init == "normal":
-    value = 0.02 * jax.random.normal(rngs.params(), shape, _F32)
-  elif init == "ones":
-    value = jnp.ones(shape, _F32)
+def _param(rngs: nnx.Rngs | None, spec: params_lib.ParamSpec) -> nnx.Param:
+  if spec.init == "normal":
+    value = 0.02 * jax.random.normal(rngs.params(), spec.shape, _F32)
+  elif spec.init == "ones":
+    value = jnp.ones(spec.shape, _F32)
   else:
-    value = jnp.zeros(shape, _F32)
+    value = jnp.zeros(spec.shape, _F32)
   # A private metadata key (not flax's out_sharding): flax would otherwise try to resolve the
   # logical names against whatever mesh is active when the model is built.
-  return nnx.Param(value.astype(dtype), logical_axes=axes)
+  return nnx.Param(value.astype(spec.dtype), logical_axes=spec.axes)
+
+
+def _set_params(module: nnx.Module, rngs: nnx.Rngs | None, specs: dict) -> None:
+  for name, spec in specs.items():   # in table order: the order of the rng draws
+    setattr(module, name, _param(rngs, spec))
 
 
 class RMSNorm(nnx.Module):
   def __init__(self, cfg: ModelConfig):
     self.eps = cfg.rms_norm_eps
-    self.scale = _param(None, (cfg.hidden_size,), cfg.weight_dtype, ("embed",), "ones")
+    _set_params(self, None, params_lib.norm_params(cfg))
 
   def __call__(self, x):
     x32 = x.astype(_F32)
@@ -137,19 +146,8 @@ class Attention(nnx.Module):
   """Grouped-query attention; q head h reads kv head h // (H / Hkv), as HF's repeat_kv."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, h, k, dh, pd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                       cfg.weight_dtype)
     self.cfg = cfg
-    self.q_kernel = _param(rngs, (d, h, dh), pd, ("embed", "heads", "head_dim"))
-    self.k_kernel = _param(rngs, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"))
-    self.v_kernel = _param(rngs, (d, k, dh), pd, ("embed", "kv_heads", "head_dim"))
-    self.o_kernel = _param(rngs, (h, dh, d), pd, ("heads", "head_dim", "embed"))
-    if cfg.qkv_bias:
-      self.q_bias = _param(None, (h, dh), pd, ("heads", "head_dim"), "zeros")
-      self.k_bias = _param(None, (k, dh), pd, ("kv_heads", "head_dim"), "zeros")
-      self.v_bias = _param(None, (k, dh), pd, ("kv_heads", "head_dim"), "zeros")
-    if cfg.o_bias:
-      self.o_bias = _param(None, (d,), pd, ("embed",), "zeros")
+    _set_params(self, rngs, params_lib.attention_params(cfg))
 
   def _proj(self, x, name):
     dt = x.dtype
@@ -213,10 +211,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
-    self.gate_kernel = _param(rngs, (d, f), pd, ("embed", "mlp"))
-    self.up_kernel = _param(rngs, (d, f), pd, ("embed", "mlp"))
-    self.down_kernel = _param(rngs, (f, d), pd, ("mlp", "embed"))
+    _set_params(self, rngs, params_lib.mlp_params(cfg))
 
   def __call__(self, x):
     dt = x.dtype
@@ -245,8 +240,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype,
-                            ("vocab", "embed"))
+    self.embedding = _param(rngs, params_lib.embedding_param(cfg))
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers",
@@ -256,8 +250,7 @@ class Decoder(nnx.Module):
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype,
-                            ("embed", "vocab"))
+      self.lm_head = _param(rngs, params_lib.lm_head_param(cfg))
 
   def __call__(self, tokens, positions, key_valid=None, cache=None, cache_index=None,
                layer_params=None, shared=None):
@@ -315,8 +308,7 @@ class Decoder(nnx.Module):
 
 class ValueHead(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.kernel = _param(rngs, (cfg.hidden_size,), _F32, ("embed",))
-    self.bias = _param(None, (), _F32, (), "zeros")
+    _set_params(self, rngs, params_lib.value_head_params(cfg))
 
   def __call__(self, hidden):
     return hidden.astype(_F32) @ self.kernel[...] + self.bias[...]
@@ -347,31 +339,3 @@ def merge(config: ModelConfig, params: Any, value: bool = False):
   graphdef, _ = graph(config, value)
   return nnx.merge(graphdef, params)
 
-
-def _nested(pairs):
-  out: dict = {}
-  for path, leaf in pairs:
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def _logical_axes(config: ModelConfig, value: bool):
-  _, state = graph(config, value)
-  return [(tuple(path), tuple(var.get_metadata().get("logical_axes") or ()))
-          for path, var in nnx.to_flat_state(state)]
-
-
-def logical_axes(config: ModelConfig, value: bool = False) -> dict:
-  """Pure-dict pytree (same structure as params) of logical axis-name tuples."""
-  return _nested(_logical_axes(config, value))
-
-
-def param_shapes(config: ModelConfig, value: bool = False) -> dict:
-  """Pure-dict pytree of jax.ShapeDtypeStruct for the params."""
-  _, state = graph(config, value)
-  return _nested((tuple(path), jax.ShapeDtypeStruct(var.shape, var.dtype))
-                 for path, var in nnx.to_flat_state(state))

@@ -18,8 +18,8 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from stepsearch_jax.models import decoder
 from stepsearch_jax.models.config import ModelConfig
+from stepsearch_jax.models.params import param_shapes
 from stepsearch_jax.models.sharding import param_shardings
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -192,7 +192,7 @@ def load_pretrained(path: str, *, mesh: Mesh | None = None, dtype: str | None = 
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   config = ModelConfig.from_hf(read_config(path), **overrides)
   files = CheckpointFiles(path)
-  shapes = decoder.param_shapes(config)
+  shapes = param_shapes(config)
   if mesh is None:
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
   else:

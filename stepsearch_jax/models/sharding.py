@@ -1,9 +1,10 @@
 """Logical axis names -> mesh axes ('data', 'fsdp', 'tensor'): one RULES table, MaxText style.
 
-Parameters carry logical names in their NNX metadata (``out_sharding``); activations are constrained
-by name inside the model when a mesh is set (``jax.set_mesh``). A mesh axis is used at most once per
-array (first dimension wins) and is dropped for a dimension it does not divide, so one table serves
-every model size and mesh shape (e.g. 1 kv head on tensor=2 is simply replicated).
+Parameters get logical names from their tables in params.py (this module never imports the
+model); activations are constrained by name inside the model when a mesh is set
+(``jax.set_mesh``). A mesh axis is used at most once per array (first dimension wins) and is
+dropped for a dimension it does not divide, so one table serves every model size and mesh shape
+(e.g. 1 kv head on tensor=2 is simply replicated).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from stepsearch_jax.models import params as params_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -122,8 +125,7 @@ def _value_model(tree: Any) -> bool:
 def param_shardings(config, params_or_shapes: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = ()) -> Any:
   """Pytree of NamedSharding matching policy params or value params ({'trunk', 'head'})."""
-  from stepsearch_jax.models import decoder  # avoid an import cycle
-  axes = decoder.logical_axes(config, value=_value_model(params_or_shapes))
+  axes = params_lib.logical_axes(config, value=_value_model(params_or_shapes))
   mesh_shape = dict(mesh.shape)
 
   def one(names, leaf):

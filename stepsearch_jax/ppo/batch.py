@@ -52,10 +52,6 @@ class PPOBatch:
   def prompt_len(self) -> int:
     return self.tokens.shape[-1] - self.rewards.shape[-1]
 
-  @property
-  def num_rows(self) -> int:
-    return int(np.prod(self.rewards.shape[:-1]))
-
   def replace(self, **kw) -> "PPOBatch":
     return dataclasses.replace(self, **kw)
 
@@ -154,8 +150,3 @@ def stack_micro(batch: PPOBatch, micro: int) -> PPOBatch:
   if B % micro:
     raise ValueError(f"batch of {B} rows is not a multiple of algo.micro_batch={micro}")
   return jax.tree.map(lambda x: x.reshape((B // micro, micro) + x.shape[1:]), batch)
-
-
-def unstack_micro(batch: PPOBatch) -> PPOBatch:
-  """Inverse of stack_micro."""
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)

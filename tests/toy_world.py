@@ -5,6 +5,8 @@ exercise no retrieval at all. This builds, in a few seconds on CPU: a synthetic 
 index, a word-level tokenizer over the world's text (tags as single tokens), and a small decoder
 warm-started (`stepsearch_jax.sft.warm_start`) on the world's ideal demonstrations rendered with
 the real retrieval server, so that greedy rollouts issue multi-hop searches.
+
+Test support, not part of the package: pytest puts tests/ on sys.path; bench/rollout.py adds it.
 """
 
 from __future__ import annotations

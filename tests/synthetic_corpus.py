@@ -3,6 +3,9 @@
 Words come from the bundled MiniLM WordPiece vocabulary (whole alphabetic words), so passages
 tokenise like English rather than like random character soup. Rows alternate between the two
 corpus formats so both code paths are exercised.
+
+Test support, not part of the package: pytest puts tests/ on sys.path; bench/retrieval.py and
+bench/corpus_scale.py add it.
 """
 
 import json
