@@ -24,7 +24,7 @@ import os
 from collections import defaultdict
 
 from stepsearch_jax.data import templates
-from stepsearch_jax.data.records import Record, RecordError, write_records
+from stepsearch_jax.data.records import Record, RecordError, _read_rows, write_records
 
 SPLITS = ("train", "dev", "test", "val", "validation")
 RECORD_FIELDS = ("prompt", "reward_model")
@@ -81,17 +81,8 @@ def record_from_row(row, file: str, line: int, index: int, data_source: str | No
 def convert_file(path: str, data_source: str | None = None, template: str = "think"
                  ) -> list[Record]:
   """All rows of one FlashRAG jsonl file as Records (blank lines skipped)."""
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line, text in enumerate(f, 1):
-      if not text.strip():
-        continue
-      try:
-        row = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: line {line}: not valid JSON ({e.msg})") from e
-      records.append(record_from_row(row, path, line, len(records), data_source, template))
-  return records
+  return [record_from_row(row, path, line, i, data_source, template)
+          for i, line, row in _read_rows(path)]
 
 
 def main(argv=None) -> None:
