@@ -119,10 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.step_scale = 0.6         # paper preset; `released` uses 1.6 (method §3.7)
   c.reward.key_weight = 0.618
   c.reward.format_penalty = -1.0
-  c.reward.information_gain = True
-  c.reward.redundancy_penalty = True
-  c.reward.search_steps_reward = True
-  c.reward.search_key_reward = True
+  c.reward.terms = "answer_f1,key,info_gain,redundancy"   # names in rewards.terms.TERMS
 
   c.algo = ml_collections.ConfigDict()
   c.algo.name = "steppo"
@@ -165,9 +162,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # reading a config file needs no jax).
   from stepsearch_jax.ppo.algorithms import ALGORITHMS
   from stepsearch_jax.rewards.score import PRESETS
+  from stepsearch_jax.rewards.terms import parse_terms
   from stepsearch_jax.rollout.driver import DRIVERS
   _choice(cfg, "algo.name", ALGORITHMS)
   _choice(cfg, "reward.preset", PRESETS)
+  parse_terms(cfg.reward.terms)
   _choice(cfg, "rollout.driver", DRIVERS)
   from stepsearch_jax.data import templates       # no jax: config stays light
   try:

@@ -39,14 +39,17 @@ _EXPORT_HF = flags.DEFINE_string("export_hf", None,
 
 
 def reward_stats(results, trajs) -> dict:
-  """Means of the reward parts and rollout shape over a batch."""
+  """Means of every reward term (raw, steps summed; whether the algorithm uses it or not), the
+  reward itself and the rollout shape over a batch."""
+  from stepsearch_jax.rewards.terms import TERMS
+
   def mean(xs):
     return float(np.mean(xs)) if len(xs) else 0.0
+  def total(v):
+    return float(sum(v)) if isinstance(v, (list, tuple)) else float(v)
   return {
-      "reward/answer_f1": mean([r.answer_f1 for r in results]),
-      "reward/key": mean([r.search_key_score for r in results]),
-      "reward/info_gain": mean([sum(r.info_gains) for r in results]),
-      "reward/redundancy": mean([sum(r.redundancies) for r in results]),
+      **{f"reward/{name}": mean([total(r.terms.get(name, 0.0)) for r in results])
+         for name in TERMS},
       "reward/final": mean([r.final_score for r in results]),
       "reward/format_ok": mean([float(r.format_ok) for r in results]),
       "rollout/searches": mean([len(t.queries) for t in trajs]),
@@ -178,8 +181,7 @@ class Trainer:
     t = time.time()
     results = [score(tr.response_text, tr.ground_truth, tr.support_docs, self.reward_cfg,
                      step_doc_ids=tr.doc_ids) for tr in trajs]
-    rewards = [self.algo.shape_rewards(token_rewards(r, tr.search_end_indices,
-                                                     len(tr.response_ids)))
+    rewards = [token_rewards(r, tr.search_end_indices, len(tr.response_ids))
                for r, tr in zip(results, trajs)]
     times["time/reward_s"] = time.time() - t
     t = time.time()

@@ -200,14 +200,13 @@ def test_make_batch_layout_and_grpo_hand_computed():
     batch_lib.make_batch(trajs, rewards, prompt_len=2)
 
 
-def test_outcome_only_shaping_and_reward_overrides():
-  ppo = algorithms.get_algorithm("ppo")
-  np.testing.assert_allclose(ppo.shape_rewards(np.array([0.3, 0, -0.2, 1.5])), [0, 0, 0, 1.5])
-  steppo = algorithms.get_algorithm("steppo")
-  np.testing.assert_allclose(steppo.shape_rewards(np.array([0.3, 1.5])), [0.3, 1.5])
+def test_outcome_only_algorithms_keep_the_answer_term_alone():
   from stepsearch_jax.config import base_config
-  rc = ppo.reward_config(base_config().reward)
-  assert not rc.search_steps_reward and not rc.search_key_reward and rc.information_gain
+  ppo, steppo = algorithms.get_algorithm("ppo"), algorithms.get_algorithm("steppo")
+  assert ppo.outcome_only and algorithms.get_algorithm("grpo").outcome_only
+  assert not steppo.outcome_only and not algorithms.get_algorithm("steppo-no-key").outcome_only
+  assert ppo.reward_config(base_config().reward).terms == "answer_f1"
+  assert steppo.reward_config(base_config().reward).terms == base_config().reward.terms
   with pytest.raises(ValueError, match="algo.name"):
     algorithms.get_algorithm("dpo")
 

@@ -141,12 +141,15 @@ def test_information_gain_memory_and_step_scores():
   # empty support docs -> no step scores
   assert score(text, gt, [], "released").step_scores == []
   # switches
-  cfg = RewardConfig.from_config({"preset": "paper", "redundancy_penalty": False, "step_scale": 0.5})
+  cfg = RewardConfig.from_config({"preset": "paper", "terms": "answer_f1,key,info_gain",
+                                  "step_scale": 0.5})
   r2 = score(text, gt, SUPPORT, cfg)
   assert r2.step_scores == pytest.approx(r.info_gains) and r2.step_rewards == pytest.approx(
       [0.5 * g for g in r.info_gains])
-  off = RewardConfig.from_config({"preset": "released", "search_steps_reward": False})
+  off = RewardConfig.from_config({"preset": "released", "terms": "answer_f1,key"})
   assert score(text, gt, SUPPORT, off).step_scores == [0.0, 0.0]
+  with pytest.raises(ValueError, match="config.reward.terms: \\['info_gian'\\]"):
+    RewardConfig.from_config({"terms": "answer_f1,info_gian"})
 
 
 def test_released_scale_matches_torch_inplace_row():

@@ -2,8 +2,8 @@
 
 Each algorithm states three things and nothing else:
   * ``uses_critic``: whether a value model is trained and read (GAE) or not (GRPO);
-  * how rewards are shaped: ``reward_overrides`` applied to ``cfg.reward`` before scoring, and
-    ``outcome_only`` (keep only the final-token reward, zero the step rewards) as a guard;
+  * which reward terms it keeps (``keep_terms``/``drop_terms``: names in ``rewards.score.TERMS``);
+    with no step term left the reward sits on the last token alone (``outcome_only``);
   * ``advantage``: the name of an advantage estimator in ``ADVANTAGES``.
 
   steppo: step rewards (information gain - redundancy at each search turn's last token) + answer and
@@ -22,10 +22,10 @@ from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from stepsearch_jax.ppo import gae as gae_lib
 from stepsearch_jax.ppo.batch import PPOBatch
+from stepsearch_jax.rewards import terms as terms_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,49 +88,43 @@ class Algorithm:
   name: str
   uses_critic: bool
   advantage: str
-  outcome_only: bool = False
-  reward_overrides: tuple = ()   # ((key, value), ...) applied to cfg.reward
+  keep_terms: tuple[str, ...] | None = None   # reward terms kept (None: all configured ones)
+  drop_terms: tuple[str, ...] = ()            # reward terms removed (the ablations)
 
   def reward_config(self, reward_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """cfg.reward with this algorithm's overrides (feed to RewardConfig.from_config)."""
+    """cfg.reward with this algorithm's terms (feed to RewardConfig.from_config)."""
     out = ml_collections.ConfigDict(reward_cfg.to_dict())
-    for key, value in self.reward_overrides:
-      out[key] = value
+    terms = terms_lib.parse_terms(reward_cfg.terms)
+    out.terms = ",".join(t for t in terms if t not in self.drop_terms
+                         and (self.keep_terms is None or t in self.keep_terms))
     return out
 
-  def shape_rewards(self, token_rewards: np.ndarray, response_len: int | None = None) -> np.ndarray:
-    """Outcome-only algorithms keep just the final token's reward (the answer reward)."""
-    r = np.asarray(token_rewards, np.float32)
-    if not self.outcome_only:
-      return r
-    n = len(r) if response_len is None else response_len
-    out = np.zeros_like(r)
-    if n:
-      out[n - 1] = r[n - 1]
-    return out
+  @property
+  def outcome_only(self) -> bool:
+    """No step term survives: the reward sits on the last token alone."""
+    kept = self.keep_terms if self.keep_terms is not None else tuple(terms_lib.TERMS)
+    return not any(t in terms_lib.STEP_TERMS for t in kept if t not in self.drop_terms)
 
   def advantages(self, batch: PPOBatch, hp: AdvantageParams):
     """(advantages, returns, metrics) as jnp arrays; jit-friendly (hp is static)."""
     return ADVANTAGES[self.advantage](batch, hp)
 
 
-_OUTCOME = (("search_steps_reward", False), ("search_key_reward", False))
+_OUTCOME = ("answer_f1",)     # the paper's PPO/GRPO baselines: answer F1 at the last token only
 
 
 def _ablation(name: str, term: str) -> Algorithm:
   """StePPO without one reward term (method §7.3)."""
-  return Algorithm(name, uses_critic=True, advantage="gae", reward_overrides=((term, False),))
+  return Algorithm(name, uses_critic=True, advantage="gae", drop_terms=(term,))
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     "steppo": Algorithm("steppo", uses_critic=True, advantage="gae"),
-    "ppo": Algorithm("ppo", uses_critic=True, advantage="gae", outcome_only=True,
-                     reward_overrides=_OUTCOME),
-    "grpo": Algorithm("grpo", uses_critic=False, advantage="grpo", outcome_only=True,
-                      reward_overrides=_OUTCOME),
-    "steppo-no-info-gain": _ablation("steppo-no-info-gain", "information_gain"),
-    "steppo-no-redundancy": _ablation("steppo-no-redundancy", "redundancy_penalty"),
-    "steppo-no-key": _ablation("steppo-no-key", "search_key_reward"),
+    "ppo": Algorithm("ppo", uses_critic=True, advantage="gae", keep_terms=_OUTCOME),
+    "grpo": Algorithm("grpo", uses_critic=False, advantage="grpo", keep_terms=_OUTCOME),
+    "steppo-no-info-gain": _ablation("steppo-no-info-gain", "info_gain"),
+    "steppo-no-redundancy": _ablation("steppo-no-redundancy", "redundancy"),
+    "steppo-no-key": _ablation("steppo-no-key", "key"),
 }
 
 

@@ -102,10 +102,8 @@ class Learner:
   # ----------------------------------------------------------------------------------- public API
   def make_batch(self, trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
                  **kwargs) -> batch_lib.PPOBatch:
-    """batch.make_batch after the algorithm's reward shaping (outcome-only for ppo/grpo)."""
-    shaped = [self.algorithm.shape_rewards(r, len(t.response_ids))
-              for t, r in zip(trajectories, token_rewards)]
-    return batch_lib.make_batch(trajectories, shaped, **kwargs)
+    """batch.make_batch (the rewards already hold only the algorithm's terms)."""
+    return batch_lib.make_batch(trajectories, token_rewards, **kwargs)
 
   def prepare(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
     """Old log-probs, reference log-probs and values in one jitted pass (device batch out).

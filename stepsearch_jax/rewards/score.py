@@ -34,9 +34,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from stepsearch_jax.rewards import keys as keys_lib
 from stepsearch_jax.rewards import steps as steps_lib
 from stepsearch_jax.rewards import text as text_lib
+from stepsearch_jax.rewards import terms as terms_lib
+from stepsearch_jax.rewards.terms import Context, answer_f1_term, parse_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +47,7 @@ class RewardConfig:
   step_scale: float = 0.6            # nominal scale on step scores
   key_weight: float = 0.618
   format_penalty: float = -1.0
-  information_gain: bool = True
-  redundancy_penalty: bool = True
-  search_steps_reward: bool = True
-  search_key_reward: bool = True
+  terms: tuple[str, ...] = ("answer_f1", "key", "info_gain", "redundancy")   # rewards.terms.TERMS
   # Released-code quirks (all False for `paper`).
   inplace_step_scale: bool = False   # effective scale = 1 + step_scale
   round_f1: int | None = None
@@ -71,16 +69,16 @@ class RewardConfig:
 
   @classmethod
   def from_config(cls, section: Mapping[str, Any]) -> "RewardConfig":
-    """From the config section ``reward`` (preset, step_scale, key_weight, format_penalty, flags)."""
-    base = cls.preset(section.get("preset", "paper"))
-    overrides = {k: section[k] for k in ("step_scale", "key_weight", "format_penalty",
-                                          "information_gain", "redundancy_penalty",
-                                          "search_steps_reward", "search_key_reward")
+    """From the config section ``reward`` (preset, step_scale, key_weight, format_penalty, terms)."""
+    base = cls.preset(section["preset"] if "preset" in section else "paper")
+    overrides = {k: float(section[k]) for k in ("step_scale", "key_weight", "format_penalty")
                  if k in section}
-    for k in ("step_scale", "key_weight", "format_penalty"):
-      if k in overrides:
-        overrides[k] = float(overrides[k])
+    if "terms" in section:
+      overrides["terms"] = parse_terms(section["terms"])
     return dataclasses.replace(base, **overrides)
+
+  def has(self, term: str) -> bool:
+    return term in self.terms
 
 
 # config.reward.preset -> the RewardConfig fields it sets (module docstring: what each quirk is).
@@ -96,12 +94,13 @@ class ScoreResult:
   format_ok: bool
   answer_f1: float
   search_key_score: float
-  step_scores: list[float]          # unscaled IG_t - P_t (with the switches applied)
+  step_scores: list[float]          # unscaled sum of the enabled step terms (IG_t - P_t)
   info_gains: list[float]
   redundancies: list[float]
   final_score: float                # at the last response token
   step_rewards: list[float]         # the values placed at the search-turn end tokens
   answer: str | None = None
+  terms: dict = dataclasses.field(default_factory=dict)   # raw value of every term
 
   def to_json(self) -> dict:
     return dict(format_ok=self.format_ok, answer_f1=self.answer_f1,
@@ -128,47 +127,48 @@ def score(response_text: str, ground_truth: Mapping[str, Any],
 
   `ground_truth` holds ``target`` (str or list of str) and optionally ``search_keys`` (list of
   groups); `support_docs` are dicts with ``paragraph_text``. `step_doc_ids` (one list of ids per
-  retrieval step) lets the `paper` preset detect repeats by id.
+  retrieval step) lets the `paper` preset detect repeats by id. Every term in rewards.terms.TERMS
+  is computed (the metrics read them all); only those in ``cfg.terms`` enter the reward.
   """
   cfg = _resolve(preset)
   if "target" not in ground_truth:
     raise KeyError("ground_truth has no 'target' field")
   punct = not cfg.delete_punct
-  f1_fn = functools.partial(text_lib.f1, round_to=cfg.round_f1, punct_to_space=punct)
-  answer = text_lib.extract_answer(response_text)
-  answer_f1 = f1_fn(answer, ground_truth["target"])
-  if not text_lib.format_ok(response_text):
-    return ScoreResult(False, answer_f1, 0.0, [], [], [], float(cfg.format_penalty), [], answer)
-
-  step_docs = steps_lib.parse_step_docs(response_text)
-  if not cfg.docs_by_rank:
-    step_docs = [[steps_lib.strip_doc_label(d) for d in docs] for docs in step_docs]
   golds = []
   for i, doc in enumerate(support_docs if support_docs is not None else []):
     if "paragraph_text" not in doc:
       raise KeyError(f"support_docs[{i}] has no 'paragraph_text' field")
     golds.append(str(doc["paragraph_text"]))
-  normalize_fn = functools.partial(text_lib.normalize, punct_to_space=punct)
-  gains = steps_lib.information_gains(step_docs, golds, normalize_fn)
-  red_keys: Sequence[Sequence[Any]] = step_docs
-  if (not cfg.docs_by_rank and step_doc_ids is not None
-      and len(step_doc_ids) == len(step_docs)):
-    red_keys = [[str(i) for i in ids] for ids in step_doc_ids]
-  reds = steps_lib.redundancies(red_keys) if gains else []
-  use_steps = cfg.search_steps_reward
-  step_scores = [(g if cfg.information_gain and use_steps else 0.0)
-                 - (p if cfg.redundancy_penalty and use_steps else 0.0)
-                 for g, p in zip(gains, reds)]
+  step_docs = steps_lib.parse_step_docs(response_text)
+  if not cfg.docs_by_rank:
+    step_docs = [[steps_lib.strip_doc_label(d) for d in docs] for docs in step_docs]
+  ctx = Context(cfg, response_text, ground_truth, golds, step_docs, step_doc_ids,
+                functools.partial(text_lib.f1, round_to=cfg.round_f1, punct_to_space=punct),
+                functools.partial(text_lib.normalize, punct_to_space=punct))
+  answer = text_lib.extract_answer(response_text)
+  answer_f1 = answer_f1_term(ctx)
+  if not text_lib.format_ok(response_text):   # the format gate: penalty, nothing else
+    return ScoreResult(False, answer_f1, 0.0, [], [], [], float(cfg.format_penalty), [], answer,
+                       {"answer_f1": answer_f1})
 
-  key_score = 0.0
-  if "search_keys" in ground_truth and ground_truth["search_keys"] is not None:
-    queries = keys_lib.parse_queries(response_text, skip_inserted=not cfg.queries_in_inserted)
-    key_score = keys_lib.search_key_score(queries, ground_truth["search_keys"], f1_fn,
-                                          overwrite=cfg.key_overwrite,
-                                          released_groups=cfg.chars_from_string_keys)
-  final = answer_f1 + (cfg.key_weight * key_score if cfg.search_key_reward else 0.0)
-  return ScoreResult(True, answer_f1, key_score, step_scores, gains, reds, final,
-                     [_scale(cfg, s) for s in step_scores], answer)
+  values = {name: (answer_f1 if name == "answer_f1" else t.fn(ctx))
+            for name, t in terms_lib.TERMS.items()}
+  n_steps = len(step_docs) if golds else 0
+  step_scores = [0.0] * n_steps
+  final = 0.0
+  for name in (n for n in terms_lib.TERMS if cfg.has(n)):
+    term = terms_lib.TERMS[name]
+    w = term.weight(cfg)
+    if term.where == "final":
+      final += w * values[name]
+    else:
+      if len(values[name]) != n_steps:
+        raise ValueError(f"reward term {name!r} gave {len(values[name])} values for "
+                         f"{n_steps} steps")
+      step_scores = [s + w * v for s, v in zip(step_scores, values[name])]
+  return ScoreResult(True, answer_f1, values["key"], step_scores, values["info_gain"],
+                     values["redundancy"], final, [_scale(cfg, s) for s in step_scores], answer,
+                     values)
 
 
 def token_rewards(result: ScoreResult, search_end_indices: Sequence[int],
