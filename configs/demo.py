@@ -7,6 +7,10 @@ A synthetic world (fictional people, places, works, organisations), a word-level
 on its text, a ~1M-parameter Qwen2-style policy, the retrieval sidecar (MiniLM encoder + exact FAISS)
 started as a subprocess, a supervised warm start on imperfect demonstrations (the format is known,
 the search policy is weak), then StePPO. `smoke` runs 2 steps on a tiny batch.
+
+`credit` is the task of the step-reward study (bench/rl_compare.py, README "What the step rewards
+buy"): a task where the outcome reward is sparse and credit assignment matters.
+    python -m stepsearch_jax.train --config configs/demo.py:credit --workdir runs/credit
 """
 
 from stepsearch_jax.config import base_config
@@ -69,6 +73,7 @@ def get_config(arg=None):
   c.eval_before_train = True
   c.eval_every = 0                  # held-out evaluation before and after RL only
   c.save_every = 8
+  c.trajectories_every = 8          # python -m stepsearch_jax.report --workdir ... --kind train
   if arg == "smoke":
     c.data.synthetic.num_people = 40
     c.data.synthetic.num_train = 64
@@ -85,6 +90,28 @@ def get_config(arg=None):
     c.eval_before_train = False
     c.eval_every = 0
     c.save_every = 1
+  if arg is not None and arg.startswith("credit"):
+    # Why step rewards should matter here: the chains are long (3 hops by default; credit2/3/4 pick
+    # the count) and the warm start's demonstrations derail a hop half of the time, in the ways
+    # the step rewards see and the answer F1 does not tell apart: a vague query (no name: the gold
+    # passage is not retrieved, the entity is guessed), a skipped search (guessed entity), a
+    # repeated search (the same passages again: a wasted turn). Every later hop follows the
+    # (possibly wrong) entity coherently, so a trajectory that did hops 1..k-1 right and derailed
+    # at hop k earns the same answer F1 (~0) as one that derailed at hop 1: only the information
+    # gain of the gold passages it did retrieve, the redundancy penalty and the search-key reward
+    # say which turns were good. With P(clean hop) ~ 0.5 the warm start finishes a 3-hop chain
+    # ~1/8 of the time and a 4-hop chain ~1/16, so most sampled trajectories get no answer
+    # reward. Two distractors per fact (a similar name, same relation) make a half-right query
+    # retrieve a wrong passage.
+    hops = int(arg[len("credit"):] or 3)
+    c.data.synthetic.min_hops = hops
+    c.data.synthetic.max_hops = hops
+    c.data.synthetic.distractors_per_fact = 2
+    c.sft.quality = 0.5
+    c.sft.flaws = "vague,skip,repeat"
+    c.rollout.max_turns = hops + 2          # every hop, the answer and one spare turn
+    c.rollout.max_context = 2048
+    c.rollout.max_start = 256
   if arg == "test":   # the trainer's end-to-end tests: seconds per step, BM25 (no encoder)
     c.data.template = "think"
     c.data.synthetic.num_people = 20

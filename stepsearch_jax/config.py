@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1120              # PPO steps (train.sh total_training_steps)
   c.eval_every = 60                 # validation with greedy rollouts; 0 disables
   c.save_every = 60                 # checkpoint period in steps
+  c.trajectories_every = 0          # also keep every N-th training step's trajectories (0: only
+                                    # the validations'); `python -m stepsearch_jax.report` reads them
   c.keep_checkpoints = 3
   c.preempt_deadline_s = 25.0       # SIGTERM (spot/preemptible VMs): save and exit within this
   c.eval_before_train = False

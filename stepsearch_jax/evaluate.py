@@ -42,10 +42,23 @@ def summarize(rows: list[dict]) -> dict:
           "n": len(rows), "per_source": table}
 
 
+def write_trajectories(trajs, path: str) -> str:
+  """One Trajectory.to_json per line (token ids, masks, search ends, documents): what the report
+  page reads to place every reward on its token."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for t in trajs:
+      f.write(t.to_json() + "\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
 def run_validation(engine, records, cfg, retriever, key, out_jsonl: str | None = None,
-                   policy_version: int = 0, released_json: str | None = None) -> dict:
+                   policy_version: int = 0, released_json: str | None = None,
+                   trajectories_jsonl: str | None = None) -> dict:
   """Greedy rollouts over `records`; writes predictions jsonl (and the released JSON array when
-  `released_json` is a path); returns the summary."""
+  `released_json` is a path, the full trajectories for `stepsearch_jax.report` when
+  `trajectories_jsonl` is); returns the summary."""
   from stepsearch_jax.rollout.driver import rollout
   t0 = time.time()
   trajs = rollout(engine, records, cfg.rollout, retriever, key, greedy=True,
@@ -55,6 +68,8 @@ def run_validation(engine, records, cfg, retriever, key, out_jsonl: str | None =
     predictions.write_jsonl(rows, out_jsonl)
   if released_json:
     predictions.write_released_json(rows, released_json)
+  if trajectories_jsonl:
+    write_trajectories(trajs, trajectories_jsonl)
   summary = summarize(rows)
   summary["seconds"] = time.time() - t0
   return summary

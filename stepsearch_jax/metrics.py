@@ -48,6 +48,12 @@ def _jsonable(v):
   return v
 
 
+def trajectories_path(workdir: str, kind: str, step: int) -> str:
+  """Where a run keeps the full trajectories of one validation (kind "val") or training step
+  ("train"), for ``python -m stepsearch_jax.report``."""
+  return os.path.join(workdir, "trajectories", f"{kind}_step_{step}.jsonl")
+
+
 def read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -63,8 +69,7 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
-CURVES = (("reward parts", ("reward/answer_f1", "reward/key", "reward/info_gain",
-                            "reward/redundancy", "reward/final")),
+CURVES = (("reward parts", ()),        # reward/<term> for every rewards.terms.TERMS, then final
           ("held-out F1 / EM", ("val/f1", "val/em")),
           ("searches per question", ("rollout/searches",)),
           ("response length (tokens)", ("rollout/response_len",)))
@@ -78,8 +83,11 @@ def plot_curves(metrics_path: str, out_png: str, title: str = "") -> str | None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from stepsearch_jax.rewards.terms import TERMS
   fig, axes = plt.subplots(2, 2, figsize=(11, 7))
   for ax, (name, keys) in zip(axes.flat, CURVES):
+    if name == "reward parts":
+      keys = tuple(f"reward/{t}" for t in TERMS) + ("reward/final",)
     for k in keys:
       pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
       if pts:

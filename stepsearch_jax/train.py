@@ -155,7 +155,9 @@ class Trainer:
       return {}
     out = os.path.join(self.workdir, "predictions", f"{tag}.jsonl") if self.main_process else None
     summary = run_validation(self.engine, self.ws.val_records, self.cfg, self.ws.retriever,
-                             jax.random.fold_in(self.key, 10_000_000 + step), out, step)
+                             jax.random.fold_in(self.key, 10_000_000 + step), out, step,
+                             trajectories_jsonl=out and metrics.trajectories_path(
+                                 self.workdir, "val", step))
     self.writer.write(step, {"val/em": summary["em"], "val/f1": summary["f1"],
                              "val/searches": summary["searches"], "time/val_s": summary["seconds"]})
     for row in summary["per_source"]:
@@ -178,6 +180,10 @@ class Trainer:
                     template=cfg.data.template)
     times["time/rollout_s"] = time.time() - t
     times["time/retrieval_s"] = float(trajs.stats.get("retrieval_s", 0.0))
+    every = cfg.trajectories_every
+    if self.main_process and every and (step + 1) % every == 0:
+      from stepsearch_jax.evaluate import write_trajectories
+      write_trajectories(trajs, metrics.trajectories_path(self.workdir, "train", step + 1))
     t = time.time()
     results = [score(tr.response_text, tr.ground_truth, tr.support_docs, self.reward_cfg,
                      step_doc_ids=tr.doc_ids) for tr in trajs]
