@@ -11,17 +11,19 @@ default sampling: greedy unless ``--temperature`` > 0.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
+from concurrent import futures
 from typing import Any
 
+import grpc
 from absl import flags, logging
 
-from stepsearch_jax.engine import compat  # noqa: F401  (before jetstream imports)
-from jetstream.core import config_lib, server_lib  # pylint: disable=g-bad-import-order
-
-from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
+from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine  # compat.install()
+from jetstream.core import orchestrator  # pylint: disable=g-bad-import-order
+from jetstream.core.proto import jetstream_pb2_grpc
 
 LOOPBACK = "127.0.0.1"
 
@@ -33,16 +35,51 @@ _TEMP = flags.DEFINE_float("temperature", 0.0, "Default sampling temperature (0 
 _SLOTS = flags.DEFINE_integer("slots", None, "Decode slots (default config.rollout.num_slots).")
 
 
+class Server:
+  """JetStream's orchestrator (its Driver and LLMOrchestrator servicer, `engine` interleaved: one
+  engine prefills and decodes) behind a grpc.aio server bound to `host:port` only. JetStream's
+  own server_lib binds every interface ("[::]") with no option, so the gRPC side is ours."""
+
+  def __init__(self, engine: StepSearchEngine, port: int, host: str, threads: int | None):
+    params = engine.load_params()
+    self.driver = orchestrator.Driver(prefill_engines=[engine], generate_engines=[engine],
+                                      prefill_params=[params], generate_params=[params],
+                                      interleaved_mode=True, jax_padding=True)
+    threads = threads or max(self.driver.get_total_concurrent_requests(), 64)
+    self._executor = futures.ThreadPoolExecutor(max_workers=threads)
+    self._loop = asyncio.new_event_loop()
+    self._loop.set_default_executor(self._executor)
+    self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+    self._thread.start()
+
+    async def start():
+      server = grpc.aio.server(self._executor)
+      jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
+          orchestrator.LLMOrchestrator(driver=self.driver), server)
+      if not server.add_insecure_port(f"{host}:{port}"):
+        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+      await server.start()
+      return server
+
+    try:
+      self._grpc = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+    except BaseException:
+      self.driver.stop()
+      self._loop.call_soon_threadsafe(self._loop.stop)
+      raise
+
+  def stop(self) -> None:
+    self.driver.stop()
+    asyncio.run_coroutine_threadsafe(self._grpc.stop(grace=5), self._loop).result()
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join(timeout=30)
+    self._executor.shutdown(wait=False)
+
+
 def start_server(engine: StepSearchEngine, port: int, host: str = LOOPBACK,
-                 threads: int | None = None) -> server_lib.JetStreamServer:
-  """Run `server_lib.run` (orchestrator Driver + gRPC) with `engine` interleaved on one device."""
-  device = engine.mesh.devices.flat[0]
-  config = config_lib.ServerConfig(
-      interleaved_slices=(f"{device.platform}=1",),
-      interleaved_engine_create_fns=(lambda devices: engine,))
-  # server_lib binds its module-level _HOST ("[::]", every interface); we serve loopback only.
-  server_lib._HOST = host  # pylint: disable=protected-access
-  return server_lib.run(port=port, config=config, devices=[device], threads=threads)
+                 threads: int | None = None) -> Server:
+  """Serve `engine` over JetStream's gRPC API on `host:port` (loopback by default)."""
+  return Server(engine, port, host, threads)
 
 
 def _load_policy(cfg) -> tuple[Any, Any, Any]:

@@ -1,7 +1,9 @@
 """Make `google-jetstream==0.2.2` importable next to current JAX without TensorFlow.
 
-Import this module before anything from `jetstream` (``stepsearch_jax.engine`` does it for you).
-It fixes three things, each only when needed, and changes nothing else:
+:func:`install` (idempotent) must run before anything imports `jetstream`; the one call is in
+``stepsearch_jax/engine/__init__.py``, which Python runs before any module of the package, so
+every module that imports jetstream lives in this package or imports it first. Importing this
+module does nothing. `install` fixes four things, each only when needed, and changes nothing else:
 
 1. ``jax.tree_map`` was removed from JAX; JetStream's orchestrator still calls it to free prefill
    results. We alias it to ``jax.tree_util.tree_map`` when the attribute is missing.
@@ -29,8 +31,20 @@ import types
 
 import jax
 
-if not hasattr(jax, "tree_map"):
-  jax.tree_map = jax.tree_util.tree_map  # type: ignore[attr-defined]
+SEQIO_SHIM = False     # True once install() registered the seqio placeholder
+
+
+def install() -> None:
+  """Apply the four fixes (module docstring) once; later calls do nothing."""
+  global SEQIO_SHIM
+  if getattr(install, "done", False):
+    return
+  if not hasattr(jax, "tree_map"):
+    jax.tree_map = jax.tree_util.tree_map  # type: ignore[attr-defined]
+  SEQIO_SHIM = _install_seqio_shim()
+  _import_jetstream_keeping_logging()
+  _patch_pad_tokens()
+  install.done = True
 
 
 def _install_seqio_shim() -> bool:
@@ -59,9 +73,6 @@ def _install_seqio_shim() -> bool:
   return True
 
 
-SEQIO_SHIM = _install_seqio_shim()
-
-
 def _import_jetstream_keeping_logging() -> None:
   root = logging.getLogger()
   level, handlers = root.level, list(root.handlers)
@@ -73,9 +84,6 @@ def _import_jetstream_keeping_logging() -> None:
       if h not in handlers:
         root.removeHandler(h)
     root.setLevel(level)
-
-
-_import_jetstream_keeping_logging()
 
 
 def _patch_pad_tokens() -> None:
@@ -91,6 +99,3 @@ def _patch_pad_tokens() -> None:
   pad_tokens.__stepsearch_patched__ = True
   pad_tokens.__doc__ = original.__doc__
   token_utils.pad_tokens = pad_tokens
-
-
-_patch_pad_tokens()

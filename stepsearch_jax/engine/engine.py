@@ -34,8 +34,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from stepsearch_jax.engine import compat  # noqa: F401  (must precede jetstream imports)
-from jetstream.engine import engine_api  # pylint: disable=g-bad-import-order
+from jetstream.engine import engine_api
 from jetstream.engine import tokenizer_pb2
 
 from stepsearch_jax import models

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from stepsearch_jax.engine import compat  # noqa: F401  (must precede jetstream imports)
-from jetstream.engine import token_utils  # pylint: disable=g-bad-import-order
+from jetstream.engine import token_utils
 from jetstream.engine import tokenizer_api
 
 
