@@ -42,16 +42,16 @@ import numpy as np  # noqa: E402
 from stepsearch_jax import hostmem, models  # noqa: E402
 from stepsearch_jax.config import base_config  # noqa: E402
 from stepsearch_jax.engine import SamplingParams, StepSearchEngine  # noqa: E402
-from stepsearch_jax.rollout import loop  # noqa: E402
+from stepsearch_jax.rollout import episode  # noqa: E402
 from stepsearch_jax.rollout.driver import RolloutResult, rollout  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 import toy_world  # noqa: E402
 
 
-def torch_rollout(hf, tok, records, cfg: loop.LoopConfig, retriever,
+def torch_rollout(hf, tok, records, cfg: episode.LoopConfig, retriever,
                   device="cpu") -> tuple[list, float]:
   import torch
-  eps = loop.make_episodes(records, tok, cfg, jax.random.PRNGKey(0),
+  eps = episode.make_episodes(records, tok, cfg, jax.random.PRNGKey(0),
                            eos_ids=[tok.eos_token_id, tok.pad_token_id])
   stops = [tok.convert_tokens_to_ids(t) for t in ("</search>", "</answer>")]
   stop_ids = stops + [tok.eos_token_id, tok.pad_token_id]
@@ -142,7 +142,7 @@ def main() -> None:
         num_slots=32, prefill_buckets=tuple(b for b in defaults.prefill_buckets if b <= 1024),
         decode_steps_per_call=args.decode_steps, max_decode_steps_per_call=args.max_decode_steps,
         share_prefix=True))
-    lcfg = loop.LoopConfig.from_config(rcfg, topk=3)
+    lcfg = episode.LoopConfig.from_config(rcfg, topk=3)
     results = []
     for b in batches:
       records = world["test_records"][:b]

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.max_context = 4096      # rolling context cap (max_prompt_length)
   c.rollout.max_start = 2048        # initial prompt cap
   c.rollout.max_response_tokens = -1     # response (model + inserted) token cap; -1 = max_context
-  # The two inserted warnings: "" = ours (rollout/loop.py), else a file with the text verbatim
+  # The two inserted warnings: "" = ours (rollout/episode.py), else a file with the text verbatim
   # (e.g. the released wording, to continue from a released checkpoint).
   c.rollout.invalid_action_text = ""
   c.rollout.last_turn_text = ""

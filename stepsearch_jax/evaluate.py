@@ -22,9 +22,9 @@ import time
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
-from stepsearch_jax import cli, metrics, models
+from stepsearch_jax import cli, metrics
 from stepsearch_jax.rewards import predictions
 from stepsearch_jax.rewards.predictions import score_predictions  # noqa: F401  (re-export)
 

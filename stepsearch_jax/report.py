@@ -221,8 +221,8 @@ def main(argv=None) -> str:
     sys.exit(f"FATAL {a.workdir}: no config.json (not a training workdir)")
   with open(cfg_path) as f:
     cfg = json.load(f)
-  from stepsearch_jax.data import wordlevel
-  tok = wordlevel.load(os.path.join(a.workdir, "tokenizer"))
+  from stepsearch_jax.models.hf import load_tokenizer
+  tok = load_tokenizer(os.path.join(a.workdir, "tokenizer"))
   trajs = load_trajectories(metrics.trajectories_path(a.workdir, a.kind, step))
   decode = Decoder(tok, next((t.response_ids for t in trajs if len(t.response_ids) > 1), [0, 0]))
   title = f"{os.path.basename(os.path.abspath(a.workdir))}: {a.kind} step {step}"

@@ -101,7 +101,7 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
   from stepsearch_jax.data import wordlevel
   path = resolve_model_path(cfg.tokenizer.path or cfg.model.hf_path)
   if path:
-    tok = wordlevel.load(path)
+    tok = models.load_tokenizer(path)
     if tok.pad_token is None:   # as for Qwen base models: padding is masked, EOS is a safe id
       tok.pad_token = tok.eos_token
     # The workdir carries its tokenizer, so evaluate / infer / serve on it need nothing else.
@@ -114,7 +114,7 @@ def prepare_tokenizer(cfg, workdir: str, world, train, val):
                      "tokenizer can only be trained for the synthetic world")
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
-    return wordlevel.load(out)
+    return models.load_tokenizer(out)
   return wordlevel.train_wordlevel(
       tokenizer_texts(world, train, val, cfg.data.template, cfg.rollout), out)
 
@@ -127,7 +127,6 @@ def start_retrieval(cfg, workdir: str, corpus: str):
 
 def load_policy(path: str, dtype: str | None = None):
   """(ModelConfig, params, tokenizer) from an HF folder or a training workdir's latest checkpoint."""
-  from stepsearch_jax.data import wordlevel
   if os.path.exists(os.path.join(path, "checkpoints")):
     from stepsearch_jax.ppo import Checkpointer
     cfg_hf = json.load(open(os.path.join(path, "model_config.json")))
@@ -144,12 +143,12 @@ def load_policy(path: str, dtype: str | None = None):
                               "into every workdir; this one predates that: copy the run's "
                               "tokenizer folder there)")
     logging.info("policy from %s/checkpoints step %d", path, step)
-    return config, params, wordlevel.load(tok_dir)
+    return config, params, models.load_tokenizer(tok_dir)
   if not os.path.exists(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"--checkpoint {path}: neither a Hugging Face folder (config.json) "
                             "nor a training workdir (checkpoints/)")
   config, params = models.load_pretrained(path, dtype=dtype)
-  return config, params, wordlevel.load(path)
+  return config, params, models.load_tokenizer(path)
 
 
 def checkpoint_retrieval(cfg, checkpoint: str, home: str):

@@ -1,6 +1,5 @@
 """StepSearchEngine against transformers+torch on the same weights, plus the RL extras."""
 
-import os
 
 import jax
 import numpy as np

@@ -8,7 +8,6 @@ import time
 
 import grpc
 import jax
-import numpy as np
 import portpicker
 import pytest
 

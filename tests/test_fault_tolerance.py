@@ -205,9 +205,8 @@ def test_retrieval_server_killed_mid_rollout_is_retried_or_fails_clearly(train_r
   rollout fails after the configured retries with an error naming the URL."""
   import jax
   from retrieval import server
-  from stepsearch_jax import workspace
+  from stepsearch_jax import models, workspace
   from stepsearch_jax.data import records as records_lib
-  from stepsearch_jax.data import wordlevel
   from stepsearch_jax.rollout.driver import rollout
   from stepsearch_jax.rollout.retriever import RetrievalError, RetrieverClient
   jax.config.update("jax_compilation_cache_dir", train_runs.cache_dir)
@@ -215,7 +214,7 @@ def test_retrieval_server_killed_mid_rollout_is_retried_or_fails_clearly(train_r
 
   base = train_runs.base
   cfg = _demo_config(**{"model.hf_path": str(base / "warmstart")})
-  tok = wordlevel.load(str(base / "tokenizer"))
+  tok = models.load_tokenizer(str(base / "tokenizer"))
   records = records_lib.load_records([str(base / "world" / "train.parquet")])[:cfg.data.batch_size]
   model_config, params = workspace.init_policy(cfg, tok, jax.random.PRNGKey(0))
   engine = workspace.engine_for(cfg, model_config, params, tok)

@@ -35,7 +35,7 @@ def test_prepare_matches_direct_model_calls(setup):
   old = np.asarray(dev.old_logprobs).reshape(8, -1)
   refl = np.asarray(dev.ref_logprobs).reshape(8, -1)
   vals = np.asarray(dev.values).reshape(8, -1)
-  P, R = host.prompt_len, host.response_len
+  P = host.prompt_len
   for params, got in ((policy, old), (ref, refl)):
     logits = apply_lm(TINY, params, jnp.asarray(host.tokens), jnp.asarray(host.attention_mask))
     logp = jax.nn.log_softmax(np.asarray(logits), -1)

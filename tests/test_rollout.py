@@ -6,7 +6,7 @@ import pytest
 
 from stepsearch_jax import config as config_lib
 from stepsearch_jax.engine import StepSearchEngine
-from stepsearch_jax.rollout import loop
+from stepsearch_jax.rollout import episode
 from stepsearch_jax.rollout.driver import rollout
 from stepsearch_jax.rollout.retriever import RetrieverClient, format_information
 from stepsearch_jax.rollout.trajectory import Trajectory
@@ -45,8 +45,8 @@ def _docs(world):
 
 def _episode(world, **cfg):
   tok = world["tokenizer"]
-  c = loop.LoopConfig(**{**dict(max_turns=2, max_tokens_per_turn=40), **cfg})
-  ep = loop.Episode(world["test_records"][0], tok, c, key=None)
+  c = episode.LoopConfig(**{**dict(max_turns=2, max_tokens_per_turn=40), **cfg})
+  ep = episode.Episode(world["test_records"][0], tok, c, key=None)
   ep.eos_ids = {tok.eos_token_id, tok.pad_token_id}
   return tok, ep
 
@@ -62,7 +62,7 @@ def test_hand_built_trajectory_masks_and_search_indices(world):
       == "search"
   assert ep.query == name
   ep.observe_search(docs)
-  info = enc(format_information([d["document"] for d in docs]) + loop.LAST_TURN)
+  info = enc(format_information([d["document"] for d in docs]) + episode.LAST_TURN)
   assert ep.pending_ids == info and ep.append_start == len(ep.traj.prompt_ids) + len(turn1)
   turn2 = enc(f"<search> {name} country </search>")     # final turn: no search any more
   assert ep.finish_turn(turn2, [-1.0] * len(turn2)) == "done" and ep.done
@@ -86,7 +86,7 @@ def test_invalid_action_warning_answer_and_caps(world):
   enc = lambda s: tok.encode(s, add_special_tokens=False)
   bad = enc("<think> hmm </think>")
   assert ep.finish_turn(bad, [0.0] * len(bad)) == "invalid"
-  warn = enc(loop.INVALID_ACTION)[:5]                      # observation cut to max_obs_tokens
+  warn = enc(episode.INVALID_ACTION)[:5]                      # observation cut to max_obs_tokens
   assert ep.traj.response_ids == bad + warn and ep.traj.loss_mask == [1] * len(bad) + [0] * 5
   ans = enc("<answer> the </answer>")
   assert ep.finish_turn(ans, [0.0] * len(ans)) == "answer" and ep.done

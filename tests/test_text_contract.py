@@ -12,7 +12,7 @@ from stepsearch_jax.data import synthetic, wordlevel
 from stepsearch_jax.data.records import load_records
 from stepsearch_jax.rewards import steps as steps_lib
 from stepsearch_jax.rewards import text as text_lib
-from stepsearch_jax.rollout import loop
+from stepsearch_jax.rollout import episode
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _rollout_of(record, turns, w, tok, lcfg):
   """The rollout's Episode fed the demonstration's model turns and the world's hits."""
   results = {t["query"]: [{"document": d, "score": 1.0} for d in w.search(t["query"], 3)]
              for t in turns if t["kind"] == "search"}
-  ep = loop.Episode(record, tok, lcfg, key=np.zeros(2, np.uint32), template="think")
+  ep = episode.Episode(record, tok, lcfg, key=np.zeros(2, np.uint32), template="think")
   action = None
   for turn in turns:
     if turn["kind"] == "model":
@@ -48,7 +48,7 @@ def test_demonstration_equals_rollout_and_rewards_read_it(world, quality):
   w, train, tok, rcfg = world
   rcfg = rcfg.copy_and_resolve_references()
   rcfg.max_turns, rcfg.max_context, rcfg.max_response_tokens = 10, 8192, 8192
-  lcfg = loop.LoopConfig.from_config(rcfg, topk=3)
+  lcfg = episode.LoopConfig.from_config(rcfg, topk=3)
   rng = random.Random(0)
   for record in train[:6]:
     turns = synthetic.demonstration(record, w, quality=quality, rng=rng)
@@ -74,7 +74,7 @@ def test_steppo_token_rewards_differ_from_ppo_exactly_at_search_turn_ends(world)
   w, train, tok, rcfg = world
   rcfg = rcfg.copy_and_resolve_references()
   rcfg.max_turns, rcfg.max_context, rcfg.max_response_tokens = 10, 8192, 8192
-  lcfg = loop.LoopConfig.from_config(rcfg, topk=3)
+  lcfg = episode.LoopConfig.from_config(rcfg, topk=3)
   base = config_lib.base_config().reward
   cfgs = {a: RewardConfig.from_config(get_algorithm(a).reward_config(base))
           for a in ("steppo", "ppo")}

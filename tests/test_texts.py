@@ -4,7 +4,7 @@ import pytest
 
 from stepsearch_jax import config as config_lib
 from stepsearch_jax.data import templates
-from stepsearch_jax.rollout import loop
+from stepsearch_jax.rollout import episode
 
 RELEASED_STYLE = ("Answer the given question. You must conduct reasoning inside <think> and "
                   "</think> first. If you need {something}, call <search> query </search>. "
@@ -38,10 +38,10 @@ def test_warning_texts_from_files(tmp_path):
   invalid = tmp_path / "invalid.txt"
   invalid.write_text("\n<warning> My previous action is invalid. </warning>\n")
   rcfg = config_lib.base_config().rollout
-  assert loop.LoopConfig.from_config(rcfg).invalid_action == loop.INVALID_ACTION
+  assert episode.LoopConfig.from_config(rcfg).invalid_action == episode.INVALID_ACTION
   rcfg.invalid_action_text = str(invalid)
-  lc = loop.LoopConfig.from_config(rcfg)
-  assert lc.invalid_action == invalid.read_text() and lc.last_turn == loop.LAST_TURN
+  lc = episode.LoopConfig.from_config(rcfg)
+  assert lc.invalid_action == invalid.read_text() and lc.last_turn == episode.LAST_TURN
   untagged = tmp_path / "untagged.txt"
   untagged.write_text("no tags here")
   cfg = config_lib.base_config()
@@ -56,15 +56,15 @@ def test_warning_texts_from_files(tmp_path):
 def test_episode_inserts_the_configured_warning(tmp_path):
   """An invalid action gets the file's warning, token for token."""
   from stepsearch_jax.data import wordlevel
-  from stepsearch_jax.rollout.loop import Episode
+  from stepsearch_jax.rollout.episode import Episode
   invalid = tmp_path / "invalid.txt"
   invalid.write_text("\n<warning> bad action , try again </warning>\n")
   tok = wordlevel.train_wordlevel(["question ? answer <think> bad action , try again",
-                                   templates.BRIEF, invalid.read_text(), loop.LAST_TURN],
+                                   templates.BRIEF, invalid.read_text(), episode.LAST_TURN],
                                   str(tmp_path / "tok"))
   rcfg = config_lib.base_config().rollout
   rcfg.invalid_action_text = str(invalid)
-  ep = Episode({"id": "0", "question": "question"}, tok, loop.LoopConfig.from_config(rcfg),
+  ep = Episode({"id": "0", "question": "question"}, tok, episode.LoopConfig.from_config(rcfg),
                key=None, template="brief")
   ids = tok.encode("<think> answer", add_special_tokens=False)
   assert ep.finish_turn(ids, [0.0] * len(ids)) == "invalid"

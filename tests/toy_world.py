@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from stepsearch_jax import models
-from stepsearch_jax.rollout import loop
+from stepsearch_jax.rollout import episode
 
 
 def build_world(out_dir: str, num_people: int = 30, num_train: int = 64, num_test: int = 16,
@@ -33,7 +33,7 @@ def build_world(out_dir: str, num_people: int = 30, num_train: int = 64, num_tes
   build_index.build(w["corpus"], index_dir, index_type="bm25", progress=False)
   train, test = load_records(w["train"]), load_records(w["test"])
   rows = [json.loads(line) for line in open(w["corpus"], encoding="utf-8")]
-  texts = [loop.INVALID_ACTION, loop.LAST_TURN, "Doc 1 Doc 2 Doc 3 Title:"]
+  texts = [episode.INVALID_ACTION, episode.LAST_TURN, "Doc 1 Doc 2 Doc 3 Title:"]
   texts += [f"{r.get('title', '')} {r.get('content', r.get('contents', ''))}" for r in rows]
   texts += [render_prompt(None, r) for r in train + test]
   for r in train[:200]:
@@ -49,14 +49,14 @@ def demo_examples(world: dict, retriever: Any, limit: int = 64) -> list[tuple[li
   tok = world["tokenizer"]
   out = []
   for r in world["train_records"][:limit]:
-    ids = list(tok.encode(loop.prompt_text(r, tok), add_special_tokens=False))
+    ids = list(tok.encode(episode.prompt_text(r, tok), add_special_tokens=False))
     mask = [0] * len(ids)
     for turn in synthetic.demonstration(r, world["world"]):
       if turn["kind"] == "model":
         piece, m = tok.encode(turn["text"], add_special_tokens=False), 1
       else:
         docs = [x["document"] for x in retriever.search([turn["query"]])[0]]
-        piece, m = tok.encode(loop.format_information(docs), add_special_tokens=False), 0
+        piece, m = tok.encode(episode.format_information(docs), add_special_tokens=False), 0
       ids += piece
       mask += [m] * len(piece)
     out.append((ids, mask))

@@ -41,10 +41,5 @@ def train_wordlevel(texts: Iterable[str], out_dir: str, min_frequency: int = 1):
   fast.chat_template = CHAT_TEMPLATE
   os.makedirs(out_dir, exist_ok=True)
   fast.save_pretrained(out_dir)
-  return load(out_dir)
-
-
-def load(path: str):
-  """Load a tokenizer folder written by :func:`train_wordlevel` (or any HF tokenizer folder)."""
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(path)
+  from stepsearch_jax.models.hf import load_tokenizer   # the one tokenizer loader
+  return load_tokenizer(out_dir)

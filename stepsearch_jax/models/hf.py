@@ -271,3 +271,10 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, *,
   gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump(gen, f, indent=2)
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of an HF folder (ours, word-level, or a pretrained BPE one such as Qwen's or
+  SmolLM2's) via transformers' AutoTokenizer: one loader for every tokenizer the project reads."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path)

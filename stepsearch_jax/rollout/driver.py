@@ -14,8 +14,7 @@ from typing import Any, Sequence
 import jax
 
 from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
-from stepsearch_jax.rollout.loop import LoopConfig, make_episodes
-from stepsearch_jax.rollout.trajectory import Trajectory
+from stepsearch_jax.rollout.episode import LoopConfig, make_episodes
 
 
 def _native(engine, episodes, retriever, sampling, cfg, rollout_cfg, score_logprobs) -> dict:

@@ -21,12 +21,11 @@ import logging
 import time
 from typing import Any, Sequence
 
-import numpy as np
 
 from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine  # compat.install()
 from jetstream.core import orchestrator  # pylint: disable=g-bad-import-order
 from jetstream.core.proto import jetstream_pb2
-from stepsearch_jax.rollout.loop import Episode, LoopConfig
+from stepsearch_jax.rollout.episode import Episode, LoopConfig
 
 _OFFLINE_WARNING = "LLM orchestrator is being used in offline test mode"
 

@@ -56,7 +56,7 @@ import numpy as np
 
 from stepsearch_jax.engine.engine import SamplingParams, StepSearchEngine
 from stepsearch_jax.rollout import schedule
-from stepsearch_jax.rollout.loop import Episode, LoopConfig
+from stepsearch_jax.rollout.episode import Episode, LoopConfig
 
 
 def _timed_search(retriever: Any, queries: list[str], topk: int):

@@ -1,4 +1,4 @@
-"""The StepSearch agent loop (method §1.3-1.4) as a per-trajectory state machine, and `rollout`.
+"""The StepSearch agent loop (method §1.3-1.4) as a per-trajectory state machine: `Episode`.
 
 `Episode` holds everything the method's `run_llm_loop` does for one sample, token-in/token-out:
   turn t < max_turns: generate <= max_tokens_per_turn tokens (stops: `</search>`, `</answer>`, EOS);
