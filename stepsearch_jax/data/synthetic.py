@@ -124,10 +124,6 @@ class World:
     row = self.corpus[self.fact_doc[(subject, relation)]]
     return {"title": row["title"], "paragraph_text": row["content"]}
 
-  def texts(self) -> list[str]:
-    """Every passage as the retriever shows it (for training a tokenizer on the world)."""
-    return [f"Title: {d['title']}. {d['content']}" for d in self.corpus]
-
 
 def _words(text: str) -> list[str]:
   return re.findall(r"\w+", text.lower())

@@ -23,7 +23,9 @@ import httpx
 
 from stepsearch_jax.texts import doc_title_text, format_information  # noqa: F401  (re-export)
 
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+def retryable(status: int) -> bool:
+  """Timeouts, rate limits and server errors are retried; other 4xx mean the request is wrong."""
+  return status in (408, 429) or status >= 500
 
 # Queries whose answers identify an index served without /health (a released Search-R1 server):
 # the same index answers them with the same documents, a rebuilt or different one almost surely not.
@@ -106,28 +108,8 @@ class RetrieverClient:
   def _call(self, method: str, path: str, payload: dict | None = None):
     """One logical call with retries; returns the decoded JSON body."""
     target = f"{self.url}{path}"
-    cause = "no attempt made"
-    for attempt in range(self.retries + 1):
-      if attempt:
-        time.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
-      try:
-        r = self._http.request(method, target, json=payload)
-      except httpx.HTTPError as e:
-        cause = f"{type(e).__name__}: {e}"
-        continue
-      if r.status_code == 200:
-        try:
-          return r.json()
-        except ValueError as e:
-          cause = f"response is not JSON ({e})"
-          continue
-      detail = _detail(r)
-      if r.status_code not in _RETRY_STATUS:
-        raise RetrievalError(f"{method} {target} rejected with HTTP {r.status_code}: {detail}",
-                             status=r.status_code)
-      cause = f"HTTP {r.status_code}: {detail}"
-    raise RetrievalError(f"{method} {target} failed after {self.retries + 1} attempts "
-                         f"(timeout {self.timeout_s}s each); last cause: {cause}")
+    return call_with_retries(lambda: self._http.request(method, target, json=payload),
+                             f"{method} {target}", self)
 
   def search(self, queries: Sequence[str], topk: int | None = None) -> list[list[dict]]:
     """Top-k `{"document", "score"}` lists, one per query, in order.
@@ -208,6 +190,41 @@ class InProcessRetriever:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def call_with_retries(send, what: str, policy, mask=lambda text: text):
+  """The one retry loop of every HTTP retriever: ``send()`` -> httpx.Response, retried on
+  transport errors, non-JSON 200s and `retryable` statuses with exponential backoff (a 429's
+  Retry-After honoured, capped); other statuses raise at once. `policy` has retries, backoff_s,
+  max_backoff_s, timeout_s; `mask` scrubs secrets from the messages. Returns the decoded JSON."""
+  cause, delay = "no attempt made", 0.0
+  for attempt in range(policy.retries + 1):
+    if attempt:
+      time.sleep(max(delay, min(policy.backoff_s * 2 ** (attempt - 1), policy.max_backoff_s)))
+    delay = 0.0
+    try:
+      r = send()
+    except httpx.HTTPError as e:
+      cause = f"{type(e).__name__}: {mask(str(e))}"
+      continue
+    if r.status_code == 200:
+      try:
+        return r.json()
+      except ValueError as e:
+        cause = f"response is not JSON ({e})"
+        continue
+    detail = mask(_detail(r))
+    if not retryable(r.status_code):
+      raise RetrievalError(f"{what} rejected with HTTP {r.status_code}: {detail}",
+                           status=r.status_code)
+    cause = f"HTTP {r.status_code}: {detail}"
+    if r.status_code == 429:
+      try:
+        delay = min(float(r.headers.get("retry-after", 0)), policy.max_backoff_s)
+      except ValueError:
+        delay = 0.0
+  raise RetrievalError(f"{what} failed after {policy.retries + 1} attempts "
+                       f"(timeout {policy.timeout_s}s each); last cause: {cause}")
 
 
 def _detail(r: httpx.Response) -> str:

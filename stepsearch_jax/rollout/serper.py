@@ -57,7 +57,7 @@ from typing import Sequence
 
 import httpx
 
-from stepsearch_jax.rollout.retriever import RetrievalError, answer_nonblank
+from stepsearch_jax.rollout.retriever import RetrievalError, answer_nonblank, call_with_retries
 
 DEFAULT_URL = "https://google.serper.dev/search"
 MAPPING_VERSION = 1
@@ -67,10 +67,6 @@ CACHE_FILE = "serper_cache.sqlite"
 def normalise_query(query: str) -> str:
   """The query as sent and cached: whitespace collapsed, lower-cased."""
   return " ".join(query.split()).lower()
-
-
-def _retryable(status: int) -> bool:
-  return status in (408, 429) or status >= 500
 
 
 def map_response(response: dict, topk: int, answer_box: bool = False) -> list[dict]:
@@ -266,36 +262,10 @@ class SerperRetriever:
     return decoded
 
   def _call(self, body):
-    cause = "no attempt made"
-    delay = 0.0
-    for attempt in range(self.retries + 1):
-      if attempt:
-        time.sleep(max(delay, min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)))
-      delay = 0.0
+    def send():
       self.requests += 1
-      try:
-        r = self._http.post(self.url, json=body)
-      except httpx.HTTPError as e:
-        cause = f"{type(e).__name__}: {self._mask(str(e))}"
-        continue
-      if r.status_code == 200:
-        try:
-          return r.json()
-        except ValueError as e:
-          cause = f"response is not JSON ({e})"
-          continue
-      detail = self._mask(r.text[:300])
-      if not _retryable(r.status_code):
-        raise RetrievalError(f"POST {self.url} rejected with HTTP {r.status_code}: {detail}",
-                             status=r.status_code)
-      cause = f"HTTP {r.status_code}: {detail}"
-      if r.status_code == 429:
-        try:
-          delay = min(float(r.headers.get("retry-after", 0)), self.max_backoff_s)
-        except ValueError:
-          delay = 0.0
-    raise RetrievalError(f"POST {self.url} failed after {self.retries + 1} attempts "
-                         f"(timeout {self.timeout_s}s each); last cause: {cause}")
+      return self._http.post(self.url, json=body)
+    return call_with_retries(send, f"POST {self.url}", self, self._mask)
 
   def _mask(self, text: str) -> str:
     return text.replace(self._key, "***") if self._key else text
