@@ -259,7 +259,3 @@ def engine_for(cfg, config, params, tokenizer, mesh=None, num_slots: int | None 
   slots = -(-slots // shards) * shards
   return StepSearchEngine(config, params, tokenizer, num_slots=slots, cache_len=cache_len,
                           max_prefill_length=prefill, seed=cfg.seed, mesh=mesh, **engine_kw)
-
-
-def new_key(seed: int):
-  return jax.random.PRNGKey(seed)
