@@ -53,12 +53,12 @@ def train(config: str, workdir: str, overrides: list[str], log_path: str) -> flo
   return time.time() - t0
 
 
-def interval95(xs) -> tuple[float, float]:
-  """(mean, half-width of the 95% t-interval over seeds); half-width nan for one seed."""
+def interval95(xs) -> tuple[float, float | None]:
+  """(mean, half-width of the 95% t-interval over seeds); half-width None for one seed."""
   from scipy import stats
   xs = np.asarray(xs, np.float64)
   if len(xs) < 2:
-    return float(xs.mean()), float("nan")
+    return float(xs.mean()), None
   return float(xs.mean()), float(stats.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs)))
 
 
@@ -145,8 +145,8 @@ def summarise(runs: list[dict]) -> list[dict]:
   return rows
 
 
-def _pm(mean: float, half: float) -> str:
-  return f"{mean:.3f} ± {half:.3f}" if np.isfinite(half) else f"{mean:.3f}"
+def _pm(mean: float, half: float | None) -> str:
+  return f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}"
 
 
 def markdown(summary: list[dict], bases: list[dict]) -> str:
