@@ -71,7 +71,8 @@ def ensure_base(root: str, config: str, hops: int, common: list[str]) -> dict:
     os.makedirs(base)
     print(f"== h{hops}: warm start and before-RL evaluation ({config})", flush=True)
     wall = train(config, base, common + ["--config.total_steps=1", "--config.save_every=0",
-                                         "--config.eval_before_train=True"],
+                                         "--config.eval_before_train=True",
+                                         "--config.eval_every=0"],
                  os.path.join(root, f"h{hops}", "base.log"))
     with open(os.path.join(base, "base_wall_s.json"), "w") as f:
       json.dump({"wall_s": wall}, f)
@@ -95,7 +96,8 @@ def run_one(root: str, config: str, hops: int, algo: str, seed: int, args, commo
   for name in SHARED:
     shutil.copytree(os.path.join(base, name), os.path.join(wd, name))
   n = args.grpo_n if algo == "grpo" else 1
-  over = common + ["--config.eval_before_train=False",
+  # eval_every=steps: the one held-out evaluation after the last step (the base did the one before)
+  over = common + ["--config.eval_before_train=False", f"--config.eval_every={args.steps}",
                    f"--config.algo.name={algo}", f"--config.seed={seed}",
                    f"--config.total_steps={args.steps}", f"--config.save_every={args.steps}",
                    f"--config.rollout.n={n}", f"--config.data.batch_size={args.batch // n}"]
@@ -221,7 +223,7 @@ def main() -> None:
   args = p.parse_args()
   root = os.path.join(args.out, "rl_compare")
   os.makedirs(root, exist_ok=True)
-  common = ["--config.eval_every=0", "--config.curves_png=False"]
+  common = ["--config.curves_png=False"]
   command = " ".join(["bench/rl_compare.py", *sys.argv[1:]])
   for hops in [int(h) for h in args.hops.split(",")]:
     config = f"{args.config}{hops}"
