@@ -225,6 +225,7 @@ def main() -> None:
   os.makedirs(root, exist_ok=True)
   common = ["--config.curves_png=False"]
   command = " ".join(["bench/rl_compare.py", *sys.argv[1:]])
+  out = None
   for hops in [int(h) for h in args.hops.split(",")]:
     config = f"{args.config}{hops}"
     ensure_base(root, config, hops, common)
@@ -232,9 +233,9 @@ def main() -> None:
       for seed in [int(s) for s in args.seeds.split(",")]:
         run = run_one(root, config, hops, algo, seed, args, common)
         print(json.dumps({k: v for k, v in run.items() if k != "curves"}), flush=True)
-        write_outputs(args.out, root, command)
-  print(markdown(*(lambda o: (o["summary"], o["warm_start"]))(write_outputs(args.out, root,
-                                                                           command))))
+        out = write_outputs(args.out, root, command)   # after every run: partial results kept
+  if out is not None:
+    print(markdown(out["summary"], out["warm_start"]))
 
 
 if __name__ == "__main__":

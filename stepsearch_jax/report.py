@@ -127,12 +127,11 @@ class Decoder:
 
   def __init__(self, tokenizer, sample_ids):
     self.tok = tokenizer
-    a, b = sample_ids[:2]
-    self.sep = " " if self(a, b) == self(a) + " " + self(b) and self(a) and self(b) else ""
+    a, b = self([sample_ids[0]]), self([sample_ids[1]])
+    self.sep = " " if a and b and self(sample_ids[:2]) == f"{a} {b}" else ""
 
-  def __call__(self, *ids):
-    flat = list(ids[0]) if len(ids) == 1 and not isinstance(ids[0], int) else list(ids)
-    return self.tok.decode(flat, skip_special_tokens=False)
+  def __call__(self, ids) -> str:
+    return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
 def render_trajectory(k: int, traj: Trajectory, rcfg: RewardConfig, decode) -> tuple[str, str]:
