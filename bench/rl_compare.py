@@ -65,7 +65,8 @@ def interval95(xs) -> tuple[float, float | None]:
 def ensure_base(root: str, config: str, hops: int, common: list[str]) -> dict:
   """The shared warm start of hop count `hops` (and its before-RL evaluation)."""
   base = os.path.join(root, f"h{hops}", "base")
-  if not os.path.exists(os.path.join(base, "results.json")):
+  # results.json alone (committed) is not enough to start new runs: they copy SHARED from here
+  if not all(os.path.exists(os.path.join(base, n)) for n in ("results.json", *SHARED)):
     if os.path.exists(base):
       shutil.rmtree(base)
     os.makedirs(base)
@@ -229,8 +230,9 @@ def main() -> None:
   for hops in [int(h) for h in args.hops.split(",")]:
     config = f"{args.config}{hops}"
     ensure_base(root, config, hops, common)
-    for algo in args.algos.split(","):
-      for seed in [int(s) for s in args.seeds.split(",")]:
+    # seed-major: a grid cut short still holds every method at the seeds it reached
+    for seed in [int(s) for s in args.seeds.split(",")]:
+      for algo in args.algos.split(","):
         run = run_one(root, config, hops, algo, seed, args, common)
         print(json.dumps({k: v for k, v in run.items() if k != "curves"}), flush=True)
         out = write_outputs(args.out, root, command)   # after every run: partial results kept
