@@ -200,11 +200,14 @@ def build(cfg, mc: models.ModelConfig, mesh: Mesh) -> dict[str, tuple[Any, tuple
     return jax.ShapeDtypeStruct(shape, dtype, sharding=logical_sharding(mesh, *names, shape=shape))
 
   f32 = jnp.float32
-  batch = ppo.PPOBatch(tokens=field((n, micro, total), jnp.int32),
-                       attention_mask=field((n, micro, total), jnp.int32),
+  i32 = jnp.int32
+  batch = ppo.PPOBatch(tokens=field((n, micro, total), i32),
+                       segment_ids=field((n, micro, total), i32),
+                       response_index=field((n, micro, resp), i32),
+                       response_segment=field((n, micro, resp), i32),
                        response_mask=field((n, micro, resp), f32),
                        loss_mask=field((n, micro, resp), f32), rewards=field((n, micro, resp), f32),
-                       group_ids=field((n, micro), jnp.int32),
+                       group_ids=field((n, micro, resp), i32),
                        old_logprobs=field((n, micro, resp), f32),
                        ref_logprobs=field((n, micro, resp), f32),
                        values=field((n, micro, resp), f32), advantages=field((n, micro, resp), f32),

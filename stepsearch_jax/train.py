@@ -192,6 +192,7 @@ class Trainer:
     times["time/reward_s"] = time.time() - t
     t = time.time()
     batch = self.learner.make_batch(trajs, rewards, pad_id=self.ws.tokenizer.pad_token_id)
+    times["update/padding_share"] = batch.padding_share
     batch = self.learner.prepare(batch)
     batch, adv = self.learner.advantages(batch)
     jax.block_until_ready(batch)

@@ -24,8 +24,9 @@ class Traj:
   id: str = ""
 
 
-def tiny_cfg(algo="steppo", rows=8, mini=8, micro=4, lr=1e-3):
+def tiny_cfg(algo="steppo", rows=8, mini=8, micro=4, lr=1e-3, pack=True):
   cfg = base_config()
+  cfg.algo.pack = pack
   cfg.algo.name = algo
   cfg.data.batch_size = rows
   cfg.rollout.n = 1
@@ -64,3 +65,10 @@ def random_trajectories(rows=8, seed=0, groups=None):
     trajs.append(Traj(prompts[i % len(prompts)], list(rng.integers(1, 64, size=n)), mask, f"t{i}"))
     rewards.append(r)
   return trajs, rewards
+
+
+def per_trajectory(x, batch, k):
+  """Trajectory k's values of a [.., R] slot array, in response order (any layout: the slots of a
+  trajectory are contiguous in one row)."""
+  seg = np.asarray(batch.response_segment).reshape(-1)
+  return np.asarray(x).reshape(-1)[seg == k + 1]

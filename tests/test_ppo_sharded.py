@@ -10,7 +10,7 @@ import sys
 
 _SCRIPT = r"""
 import json, jax, numpy as np
-from ppo_tiny import TINY, random_trajectories, tiny_cfg, tiny_params
+from ppo_tiny import TINY, per_trajectory, random_trajectories, tiny_cfg, tiny_params
 from stepsearch_jax.models.sharding import make_mesh
 from stepsearch_jax.ppo import make_learner
 assert len(jax.devices()) == 8, jax.devices()
@@ -26,8 +26,10 @@ for name, mesh in (("single", make_mesh((1, 1, 1), jax.devices()[:1])),
   specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(learner.state["policy"])})
   batch_spec = str(dev.tokens.sharding.spec)
   out[name] = dict(metrics=metrics, adv=adv_metrics, specs=specs, batch_spec=batch_spec,
-                   old=np.asarray(dev.old_logprobs).tolist(),
-                   values=np.asarray(dev.values).tolist())
+                   rows=int(np.asarray(dev.tokens).shape[1]),
+                   # per trajectory: the packed layout's rows per micro-batch follow the shards
+                   old=[per_trajectory(dev.old_logprobs, dev, k).tolist() for k in range(8)],
+                   values=[per_trajectory(dev.values, dev, k).tolist() for k in range(8)])
   np.savez(f"{OUT}/{name}.npz", *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(
       {k: v for k, v in learner.state.items() if k != "step"}))])
 print("RESULT" + json.dumps(out))
@@ -49,8 +51,10 @@ def test_update_on_2x2x2_mesh_matches_single_device(tmp_path):
   # The 8-device run really is sharded: params over fsdp/tensor, batch rows over (data, fsdp).
   assert any("fsdp" in s for s in sharded["specs"]) and any("tensor" in s for s in sharded["specs"])
   assert "data" in sharded["batch_spec"] and "fsdp" in sharded["batch_spec"]
-  np.testing.assert_allclose(single["old"], sharded["old"], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(single["values"], sharded["values"], rtol=1e-5, atol=1e-5)
+  assert sharded["rows"] % 4 == 0              # micro-batch rows split over data x fsdp
+  for k in range(8):
+    np.testing.assert_allclose(single["old"][k], sharded["old"][k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(single["values"][k], sharded["values"][k], rtol=1e-5, atol=1e-5)
   for k, v in single["metrics"].items():
     np.testing.assert_allclose(v, sharded["metrics"][k], rtol=1e-4, atol=1e-6, err_msg=k)
   a = np.load(tmp_path / "single.npz")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppo_tiny import TINY, random_trajectories, tiny_cfg, tiny_params
+from ppo_tiny import TINY, per_trajectory, random_trajectories, tiny_cfg, tiny_params
 from stepsearch_jax.models import apply_lm, apply_value
 from stepsearch_jax.models.sharding import make_mesh
 from stepsearch_jax.ppo import make_learner
@@ -27,28 +27,28 @@ def _learner(setup, **kw):
                       policy_config=TINY)
 
 
-def test_prepare_matches_direct_model_calls(setup):
+@pytest.mark.parametrize("pack", [False, True])
+def test_prepare_matches_direct_model_calls(setup, pack):
+  """Every trajectory's old/ref log-probs and values equal the model run on that trajectory alone
+  (no padding, no neighbours), whether its row is padded or packed with others."""
   policy, critic, ref, trajs, rewards = setup
-  learner = _learner(setup)
+  learner = _learner(setup, pack=pack)
   host = learner.make_batch(trajs, rewards)
+  if pack:
+    assert np.asarray(host.segment_ids).max() > 1     # some row really holds several
   dev = learner.prepare(host)
-  old = np.asarray(dev.old_logprobs).reshape(8, -1)
-  refl = np.asarray(dev.ref_logprobs).reshape(8, -1)
-  vals = np.asarray(dev.values).reshape(8, -1)
-  P = host.prompt_len
-  for params, got in ((policy, old), (ref, refl)):
-    logits = apply_lm(TINY, params, jnp.asarray(host.tokens), jnp.asarray(host.attention_mask))
-    logp = jax.nn.log_softmax(np.asarray(logits), -1)
-    for i, tr in enumerate(trajs):
-      n = len(tr.response_ids)
-      want = [logp[i, P + t - 1, tr.response_ids[t]] for t in range(n)]
-      np.testing.assert_allclose(got[i, :n], want, rtol=1e-5, atol=1e-5)
-      np.testing.assert_array_equal(got[i, n:], 0.0)
-  v = np.asarray(apply_value(TINY, critic, jnp.asarray(host.tokens),
-                             jnp.asarray(host.attention_mask)))
-  for i, tr in enumerate(trajs):
-    n = len(tr.response_ids)
-    np.testing.assert_allclose(vals[i, :n], v[i, P - 1:P + n - 1], rtol=1e-5, atol=1e-5)
+  for k, tr in enumerate(trajs):
+    ids = jnp.asarray([tr.prompt_ids + tr.response_ids])
+    P, n = len(tr.prompt_ids), len(tr.response_ids)
+    for params, got in ((policy, dev.old_logprobs), (ref, dev.ref_logprobs)):
+      logp = jax.nn.log_softmax(np.asarray(apply_lm(TINY, params, ids))[0], -1)
+      want = [logp[P + t - 1, tr.response_ids[t]] for t in range(n)]
+      np.testing.assert_allclose(per_trajectory(got, dev, k), want, rtol=1e-5, atol=1e-5)
+    v = np.asarray(apply_value(TINY, critic, ids))[0]
+    np.testing.assert_allclose(per_trajectory(dev.values, dev, k), v[P - 1:P + n - 1], rtol=1e-5,
+                               atol=1e-5)
+  for x in (dev.old_logprobs, dev.values):        # empty slots stay zero
+    np.testing.assert_array_equal(np.asarray(x)[np.asarray(dev.response_segment) == 0], 0.0)
   # The update recomputes exactly these log-probs: first-epoch ratio is 1 (approx_kl == 0).
   dev, _ = learner.advantages(dev)
   metrics = learner.update(dev)
@@ -87,14 +87,15 @@ def test_two_minibatches_and_grpo_without_critic(setup):
   dev = learner.prepare(learner.make_batch(trajs, rewards))
   np.testing.assert_array_equal(np.asarray(dev.values), 0.0)
   dev, _ = learner.advantages(dev)
-  adv = np.asarray(dev.advantages).reshape(8, -1)
-  lm = np.asarray(dev.loss_mask).reshape(8, -1)
-  # Each row's advantage is one constant on its model tokens; groups are zero-mean.
-  per_row = np.array([adv[i][lm[i] > 0][0] for i in range(8)])
-  for i in range(8):
-    np.testing.assert_allclose(adv[i][lm[i] > 0], per_row[i], rtol=1e-6)
-  gids = np.asarray(dev.group_ids).reshape(-1)
+  # Each trajectory's advantage is one constant on its model tokens; groups are zero-mean.
+  per_traj = []
+  for k in range(8):
+    adv = per_trajectory(dev.advantages, dev, k)[np.asarray(trajs[k].loss_mask) > 0]
+    np.testing.assert_allclose(adv, adv[0], rtol=1e-6)
+    per_traj.append(adv[0])
+  gids = np.array([per_trajectory(dev.group_ids, dev, k)[0] for k in range(8)])
+  assert len(np.unique(gids)) == 2
   for g in np.unique(gids):
-    np.testing.assert_allclose(per_row[gids == g].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.mean(np.array(per_traj)[gids == g]), 0.0, atol=1e-5)
   metrics = learner.update(dev)
   assert learner.step == 2 and "vf_loss" not in metrics and np.isfinite(metrics["pg_loss"])

@@ -5,7 +5,8 @@ logical axes), sharding.py (mesh and RULES).
 """
 
 from stepsearch_jax.models.api import (CACHE_SEQ_AXIS, apply_lm, apply_value, cache_put_window,
-                                       cache_window, default_positions, forward_cached,
+                                       cache_window, default_positions, segment_positions,
+                                       forward_cached,
                                        hidden_states, init_cache, init_params, init_value_params,
                                        logits_from_hidden, split_layers)
 from stepsearch_jax.models.config import ModelConfig
@@ -14,4 +15,5 @@ from stepsearch_jax.models.smollm2_gguf import smollm2_path
 
 __all__ = ["ModelConfig", "init_params", "apply_lm", "hidden_states", "logits_from_hidden",
            "init_cache", "cache_window", "cache_put_window", "CACHE_SEQ_AXIS", "forward_cached", "split_layers", "init_value_params", "apply_value", "load_pretrained",
-           "save_pretrained", "load_tokenizer", "smollm2_path", "default_positions"]
+           "save_pretrained", "load_tokenizer", "smollm2_path", "default_positions",
+           "segment_positions"]

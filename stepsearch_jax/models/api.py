@@ -28,6 +28,19 @@ def default_positions(attention_mask):
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids):
+  """Each token's position within its segment (a run of equal non-zero ids), 0 on padding.
+
+  For a 0/1 mask with one run per row this equals `default_positions` on every real token; for a
+  packed row (several trajectories, ids 1, 2, ...) each trajectory starts again at 0.
+  """
+  seg = segment_ids.astype(jnp.int32)
+  col = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+  prev = jnp.concatenate([jnp.full(seg.shape[:-1] + (1,), -1, jnp.int32), seg[..., :-1]], -1)
+  start = jax.lax.cummax(jnp.where(seg != prev, col, 0), axis=seg.ndim - 1)
+  return jnp.where(seg > 0, col - start, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "value"))
 def _init(config: ModelConfig, rng, value: bool):
   cls = decoder.ValueModel if value else decoder.Decoder

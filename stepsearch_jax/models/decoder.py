@@ -174,7 +174,12 @@ class Attention(nnx.Module):
       q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
       allowed = jnp.arange(t)[None, None, :] <= q_idx[:, :, None]
       if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :].astype(bool)
+        # key_valid holds segment ids (0 = padding; a plain 0/1 mask is one segment per row): a
+        # query sees the earlier keys of its own segment, so packed trajectories never see each
+        # other. Padding queries (id 0) keep the plain key mask: for 0/1 masks nothing changes.
+        seg = key_valid.astype(jnp.int32)
+        allowed = allowed & (seg[:, None, :] > 0) & (
+            (seg[:, None, :] == seg[:, :, None]) | (seg[:, :, None] == 0))
       scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_F32)
       new_cache = None
     else:

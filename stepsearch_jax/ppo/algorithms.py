@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -52,19 +53,31 @@ def _mask(batch: PPOBatch, which: str):
   raise ValueError(f"mask choice {which!r} is not one of ['all', 'model']")
 
 
+def _trajectories(batch: PPOBatch):
+  """(slot trajectory ids [S], number of segments M, trajectory-present flags [M]) over the
+  flattened slots: per-trajectory sums are segment sums, whatever the packing."""
+  seg = batch.response_segment.reshape(-1)
+  m = seg.shape[0] + 1
+  present = jax.ops.segment_sum(batch.response_mask.reshape(-1), seg, m) > 0
+  return seg, m, present.at[0].set(False)
+
+
 def _kl_rewards(batch: PPOBatch, hp: AdvantageParams):
   rewards, kl = gae_lib.kl_in_reward(batch.rewards, batch.old_logprobs, batch.ref_logprobs,
                                      batch.loss_mask, hp.kl_coef)
+  _, _, present = _trajectories(batch)
+  n = jnp.maximum(present.sum(), 1)
   metrics = dict(kl_in_reward=gae_lib.masked_mean(kl, batch.loss_mask),
-                 score_sum=jnp.mean((batch.rewards * batch.response_mask).sum(-1)),
-                 reward_sum=jnp.mean((rewards * batch.response_mask).sum(-1)))
+                 score_sum=(batch.rewards * batch.response_mask).sum() / n,
+                 reward_sum=(rewards * batch.response_mask).sum() / n)
   return rewards, metrics
 
 
 def gae_advantages(batch: PPOBatch, hp: AdvantageParams):
   """KL-in-reward -> GAE over model tokens (inserted ones bridged) -> whitening over whiten_mask."""
   rewards, metrics = _kl_rewards(batch, hp)
-  adv, ret = gae_lib.gae(rewards, batch.values, batch.loss_mask, hp.gamma, hp.lam)
+  adv, ret = gae_lib.gae(rewards, batch.values, batch.loss_mask, hp.gamma, hp.lam,
+                         batch.response_segment)
   adv = gae_lib.masked_whiten(adv, _mask(batch, hp.whiten_mask))
   metrics.update(returns_mean=gae_lib.masked_mean(ret, batch.response_mask),
                  values_mean=gae_lib.masked_mean(batch.values, batch.response_mask))
@@ -72,11 +85,14 @@ def gae_advantages(batch: PPOBatch, hp: AdvantageParams):
 
 
 def grpo_advantages(batch: PPOBatch, hp: AdvantageParams):
-  """Group-normalised summed reward per row, broadcast over its model tokens; returns = advantages."""
+  """Group-normalised summed reward per trajectory, broadcast over its model tokens;
+  returns = advantages."""
   rewards, metrics = _kl_rewards(batch, hp)
-  scores = (rewards * batch.response_mask).sum(-1)
-  norm = gae_lib.group_normalise(scores.reshape(-1), batch.group_ids.reshape(-1), hp.grpo_eps)
-  adv = norm.reshape(scores.shape)[..., None] * batch.loss_mask
+  seg, m, present = _trajectories(batch)
+  scores = jax.ops.segment_sum((rewards * batch.response_mask).reshape(-1), seg, m)
+  groups = jax.ops.segment_max(batch.group_ids.reshape(-1), seg, m)
+  norm = gae_lib.group_normalise(scores, groups, hp.grpo_eps, valid=present)
+  adv = norm[seg].reshape(batch.loss_mask.shape) * batch.loss_mask
   return adv, adv, metrics
 
 

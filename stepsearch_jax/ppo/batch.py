@@ -1,19 +1,31 @@
-"""Trajectories -> one padded PPO batch with a fixed layout.
+"""Trajectories -> one PPO batch: padded (one trajectory per row) or packed (several per row).
 
-Layout (``P`` = prompt bucket, ``R`` = response bucket, ``T = P + R``):
-  tokens [B, T]: the prompt LEFT-padded to P, the response RIGHT-padded to R, so response token t
-    always sits at column P + t and the policy's logit for it at column P + t - 1 (one slice for the
-    whole batch, no gathers).
-  attention_mask [B, T]: 1 on every real token (prompt, model and inserted response tokens).
+Token columns (``T`` per row):
+  tokens [B, T]: each trajectory's prompt then its response, contiguous.
+  segment_ids [B, T]: which trajectory of the row a column holds (1, 2, ...; 0 = padding).
+    Attention stays inside a segment and positions restart at each one (models.segment_positions).
+Response slots (``R`` per row), the layout of every per-token PPO array:
+  response_index [B, R]: the column whose logit predicts slot r's token (the token sits at
+    response_index + 1); the policy's log-prob, the critic's value and every array below are read
+    there, so only R columns go through the vocabulary projection.
+  response_segment [B, R]: the slot's trajectory, as its index in the step's list + 1 (0 = empty
+    slot). GAE restarts where it changes; GRPO sums a trajectory's reward over it.
+  group_ids [B, R]: the slot's trajectory's group (GRPO); by default trajectories with identical
+    prompt ids.
   response_mask [B, R]: 1 on non-pad response tokens (the released code's response attention_mask).
   loss_mask [B, R]: 1 on model-generated response tokens only (the released info_mask).
   rewards [B, R]: token scores from the reward code (step rewards, final reward), before KL.
-  group_ids [B]: rows sharing a prompt (GRPO groups); by default rows with identical prompt ids.
   old_logprobs, ref_logprobs, values, advantages, returns [B, R]: zeros here, filled on device by the
     learner, so the pytree structure (hence every jit cache key) never changes.
 
-Lengths are rounded up to buckets so that a handful of (P, R) shapes cover a whole run; every new
-shape recompiles the logprob pass and the update.
+`make_batch` (padded): row i holds trajectory i, its prompt LEFT-padded to P and its response
+RIGHT-padded to R (T = P + R), so slot r is column P + r: the released code's layout.
+`pack_batch`: the trajectories of each mini-batch are packed first-fit into rows, so a step
+computes on far fewer padding columns when lengths differ; mini-batches keep exactly their padded
+trajectories (hence the same losses and gradients, see tests/test_ppo_pack.py), and the host batch
+comes out already stacked [rows // micro, micro, ...] with as many rows per micro-batch as needed.
+Lengths are rounded up to buckets so that a handful of shapes cover a whole run; every new shape
+recompiles the logprob pass and the update.
 """
 
 from __future__ import annotations
@@ -24,8 +36,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-_ARRAY_FIELDS = ("tokens", "attention_mask", "response_mask", "loss_mask", "rewards", "group_ids",
-                 "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
 
 
 @jax.tree_util.register_dataclass
@@ -33,7 +43,9 @@ _ARRAY_FIELDS = ("tokens", "attention_mask", "response_mask", "loss_mask", "rewa
 class PPOBatch:
   """Arrays of one PPO batch; a pytree, so it can go through jit and device_put as a whole."""
   tokens: Any
-  attention_mask: Any
+  segment_ids: Any
+  response_index: Any
+  response_segment: Any
   response_mask: Any
   loss_mask: Any
   rewards: Any
@@ -49,8 +61,10 @@ class PPOBatch:
     return self.rewards.shape[-1]
 
   @property
-  def prompt_len(self) -> int:
-    return self.tokens.shape[-1] - self.rewards.shape[-1]
+  def padding_share(self) -> float:
+    """Share of the token columns that hold no trajectory token (host batches)."""
+    seg = np.asarray(self.segment_ids)
+    return float(1.0 - np.count_nonzero(seg) / max(seg.size, 1))
 
   def replace(self, **kw) -> "PPOBatch":
     return dataclasses.replace(self, **kw)
@@ -77,22 +91,8 @@ def _group_ids_from_prompts(prompts: Sequence[Sequence[int]]) -> np.ndarray:
   return np.asarray([seen.setdefault(tuple(p), len(seen)) for p in prompts], np.int32)
 
 
-def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray], *,
-               pad_id: int = 0, prompt_len: int | None = None, response_len: int | None = None,
-               prompt_buckets: Sequence[int] | None = None,
-               response_buckets: Sequence[int] | None = None,
-               group_ids: Sequence[int] | None = None) -> PPOBatch:
-  """Build a host (numpy) PPOBatch from Trajectory records and their per-token reward arrays.
-
-  Args:
-    trajectories: objects with prompt_ids, response_ids, loss_mask (the rollout Trajectory).
-    token_rewards: one float array per trajectory, len == len(response_ids)
-      (``rewards.token_rewards`` output).
-    pad_id: token written into padded columns (masked everywhere, any valid id works).
-    prompt_len / response_len: fixed P / R (e.g. the rollout caps, for a single compiled shape);
-      None = bucket of the longest in the batch.
-    group_ids: explicit GRPO groups; default = rows with identical prompt_ids share a group.
-  """
+def _check(trajectories, token_rewards, group_ids) -> np.ndarray:
+  """Validate the inputs (naming the trajectory and field); returns the per-trajectory groups."""
   if len(trajectories) != len(token_rewards):
     raise ValueError(f"{len(trajectories)} trajectories but {len(token_rewards)} reward arrays")
   if not trajectories:
@@ -108,6 +108,57 @@ def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
                        f"entries for {n} response_ids")
     if not tr.prompt_ids:
       raise ValueError(f"trajectory {tid!r} (row {i}): empty prompt_ids")
+  if group_ids is None:
+    return _group_ids_from_prompts([t.prompt_ids for t in trajectories])
+  if len(group_ids) != len(trajectories):
+    raise ValueError(f"group_ids has {len(group_ids)} entries for {len(trajectories)} trajectories")
+  return np.asarray(group_ids, np.int32)
+
+
+def _empty(rows: int, T: int, R: int, pad_id: int) -> PPOBatch:
+  zeros = lambda: np.zeros((rows, R), np.float32)  # noqa: E731
+  return PPOBatch(tokens=np.full((rows, T), pad_id, np.int32),
+                  segment_ids=np.zeros((rows, T), np.int32),
+                  response_index=np.zeros((rows, R), np.int32),
+                  response_segment=np.zeros((rows, R), np.int32),
+                  group_ids=np.zeros((rows, R), np.int32), response_mask=zeros(),
+                  loss_mask=zeros(), rewards=zeros(), old_logprobs=zeros(), ref_logprobs=zeros(),
+                  values=zeros(), advantages=zeros(), returns=zeros())
+
+
+def _place(b: PPOBatch, row: int, col: int, slot: int, seg: int, k: int, tr, rewards,
+           group: int) -> None:
+  """Write trajectory number k (0-based in the step) as segment `seg` of `row`: its prompt from
+  column `col`, its response right after, its response slots from `slot`."""
+  p, r = len(tr.prompt_ids), len(tr.response_ids)
+  b.tokens[row, col:col + p] = tr.prompt_ids
+  b.tokens[row, col + p:col + p + r] = tr.response_ids
+  b.segment_ids[row, col:col + p + r] = seg
+  b.response_index[row, slot:slot + r] = np.arange(col + p - 1, col + p + r - 1)
+  b.response_segment[row, slot:slot + r] = k + 1
+  b.group_ids[row, slot:slot + r] = group
+  b.response_mask[row, slot:slot + r] = 1.0
+  b.loss_mask[row, slot:slot + r] = np.asarray(tr.loss_mask, np.float32)
+  b.rewards[row, slot:slot + r] = np.asarray(rewards, np.float32)
+
+
+def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray], *,
+               pad_id: int = 0, prompt_len: int | None = None, response_len: int | None = None,
+               prompt_buckets: Sequence[int] | None = None,
+               response_buckets: Sequence[int] | None = None,
+               group_ids: Sequence[int] | None = None) -> PPOBatch:
+  """The padded host (numpy) PPOBatch [B, ...]: row i = trajectory i (see the module docstring).
+
+  Args:
+    trajectories: objects with prompt_ids, response_ids, loss_mask (the rollout Trajectory).
+    token_rewards: one float array per trajectory, len == len(response_ids)
+      (``rewards.token_rewards`` output).
+    pad_id: token written into padded columns (masked everywhere, any valid id works).
+    prompt_len / response_len: fixed P / R (e.g. the rollout caps, for a single compiled shape);
+      None = bucket of the longest in the batch.
+    group_ids: explicit GRPO groups; default = rows with identical prompt_ids share a group.
+  """
+  gids = _check(trajectories, token_rewards, group_ids)
   max_p = max(len(t.prompt_ids) for t in trajectories)
   max_r = max(max(len(t.response_ids) for t in trajectories), 1)
   P = prompt_len if prompt_len is not None else bucket_length(max_p, prompt_buckets)
@@ -118,30 +169,69 @@ def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
     raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) does "
                      f"not fit prompt_len={P} / response_len={R} (longest prompt {max_p}, "
                      f"longest response {max_r})")
-  B = len(trajectories)
-  tokens = np.full((B, P + R), pad_id, np.int32)
-  attn = np.zeros((B, P + R), np.int32)
-  resp_mask = np.zeros((B, R), np.float32)
-  loss_mask = np.zeros((B, R), np.float32)
-  rewards = np.zeros((B, R), np.float32)
+  b = _empty(len(trajectories), P + R, R, pad_id)
+  b.response_index[:] = P - 1 + np.arange(R)      # empty slots too: any valid column will do
   for i, tr in enumerate(trajectories):
-    p, r = len(tr.prompt_ids), len(tr.response_ids)
-    tokens[i, P - p:P] = tr.prompt_ids
-    tokens[i, P:P + r] = tr.response_ids
-    attn[i, P - p:P + r] = 1
-    resp_mask[i, :r] = 1.0
-    loss_mask[i, :r] = np.asarray(tr.loss_mask, np.float32)
-    rewards[i, :r] = np.asarray(token_rewards[i], np.float32)
-  if group_ids is None:
-    gids = _group_ids_from_prompts([t.prompt_ids for t in trajectories])
-  else:
-    if len(group_ids) != B:
-      raise ValueError(f"group_ids has {len(group_ids)} entries for {B} trajectories")
-    gids = np.asarray(group_ids, np.int32)
-  zeros = np.zeros((B, R), np.float32)
-  return PPOBatch(tokens=tokens, attention_mask=attn, response_mask=resp_mask, loss_mask=loss_mask,
-                  rewards=rewards, group_ids=gids, old_logprobs=zeros, ref_logprobs=zeros.copy(),
-                  values=zeros.copy(), advantages=zeros.copy(), returns=zeros.copy())
+    _place(b, i, P - len(tr.prompt_ids), 0, 1, i, tr, token_rewards[i], int(gids[i]))
+  return b
+
+
+def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray], *, mini: int,
+               micro: int, shards: int = 1, pad_id: int = 0, row_len: int | None = None,
+               group_ids: Sequence[int] | None = None) -> PPOBatch:
+  """The packed host PPOBatch, stacked [N, m, ...] (see the module docstring).
+
+  Mini-batch j is trajectories [j * mini, (j + 1) * mini), as in the padded batch; its
+  trajectories go first-fit (longest first) into rows of `row_len` columns (default: the bucket
+  of the longest trajectory) and fill the same k = mini // micro micro-batches as padded, with
+  m <= micro rows each (the power of two, multiple of `shards`, that holds the fullest
+  mini-batch), so the update slices mini-batch j exactly as before.
+  """
+  gids = _check(trajectories, token_rewards, group_ids)
+  B = len(trajectories)
+  if B % mini or mini % micro:
+    raise ValueError(f"{B} trajectories, config.algo.mini_batch={mini} and micro_batch={micro} "
+                     f"do not divide evenly")
+  lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+  T = row_len or bucket_length(max(lengths))
+  if max(lengths) > T:
+    worst = int(np.argmax(lengths))
+    raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) has "
+                     f"{lengths[worst]} tokens, more than row_len={T}")
+  minis = []                       # per mini-batch: rows, each a list of trajectory indices
+  for j in range(B // mini):
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for k in sorted(range(j * mini, (j + 1) * mini), key=lambda k: -lengths[k]):
+      row = next((i for i, f in enumerate(free) if f >= lengths[k]), None)
+      if row is None:
+        rows.append([])
+        free.append(T)
+        row = len(rows) - 1
+      rows[row].append(k)
+      free[row] -= lengths[k]
+    minis.append([sorted(r) for r in rows])   # in-row order = step order (any order is valid)
+  k_micro = mini // micro
+  need = -(-max(len(rows) for rows in minis) // k_micro)     # rows per micro-batch
+  m = 1
+  while m < need:
+    m *= 2
+  shards = max(int(shards), 1)
+  m = -(-min(m, micro) // shards) * shards
+  per_mini = k_micro * m
+  R = bucket_length(max(max(sum(len(trajectories[k].response_ids) for k in row), 1)
+                        for rows in minis for row in rows))
+  b = _empty(len(minis) * per_mini, T, R, pad_id)
+  for j, rows in enumerate(minis):
+    for i, row in enumerate(rows):
+      r_global = j * per_mini + i
+      col = slot = 0
+      for seg, k in enumerate(row, start=1):
+        tr = trajectories[k]
+        _place(b, r_global, col, slot, seg, k, tr, token_rewards[k], int(gids[k]))
+        col += lengths[k]
+        slot += len(tr.response_ids)
+  return stack_micro(b, m)
 
 
 def stack_micro(batch: PPOBatch, micro: int) -> PPOBatch:

@@ -31,7 +31,7 @@ def kl_in_reward(scores: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.A
 
 
 def gae(rewards: jax.Array, values: jax.Array, step_mask: jax.Array, gamma: float,
-        lam: float) -> tuple[jax.Array, jax.Array]:
+        lam: float, segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Generalised advantage estimation over the last axis, bridging step_mask == 0 positions.
 
   Args:
@@ -39,6 +39,8 @@ def gae(rewards: jax.Array, values: jax.Array, step_mask: jax.Array, gamma: floa
     values: [..., R] critic values V(s_t) of the old critic.
     step_mask: [..., R] 1 where the position is a decision step (a model token), else 0.
     gamma, lam: discount and GAE lambda (python floats or scalars).
+    segments: [..., R] trajectory id per position (packed rows): the recursion restarts where the
+      id changes, so one trajectory's returns never leak into the one before it.
   Returns:
     (advantages, returns), both [..., R] float32, not whitened.
   """
@@ -48,9 +50,16 @@ def gae(rewards: jax.Array, values: jax.Array, step_mask: jax.Array, gamma: floa
   lead = rewards.shape[:-1]
   zeros = jnp.zeros(lead, jnp.float32)
 
+  if segments is None:
+    segments = jnp.zeros(rewards.shape, jnp.int32)
+  seg = segments.astype(jnp.int32)
+  # restart[t]: position t + 1 belongs to another trajectory (the last position always does)
+  restart = jnp.concatenate([seg[..., 1:] != seg[..., :-1],
+                             jnp.ones(seg.shape[:-1] + (1,), bool)], axis=-1)
+
   def body(carry, x):
-    last_adv, next_value, pending, last_ret = carry
-    r, v, mk = x
+    r, v, mk, new = x
+    last_adv, next_value, pending, last_ret = (jnp.where(new, 0.0, c) for c in carry)
     # Model step: fold the rewards of the bridged positions that follow it.
     delta = r + pending + gamma * next_value - v
     adv_step = delta + gamma * lam * last_adv
@@ -65,7 +74,7 @@ def gae(rewards: jax.Array, values: jax.Array, step_mask: jax.Array, gamma: floa
              jnp.where(is_step, 0.0, pending_skip), jnp.where(is_step, ret_step, last_ret))
     return carry, (adv, ret)
 
-  xs = tuple(jnp.moveaxis(a, -1, 0) for a in (rewards, values, m))
+  xs = tuple(jnp.moveaxis(a, -1, 0) for a in (rewards, values, m, restart))
   _, (adv, ret) = jax.lax.scan(body, (zeros, zeros, zeros, zeros), xs, reverse=True)
   return jnp.moveaxis(adv, 0, -1), jnp.moveaxis(ret, 0, -1)
 
@@ -88,17 +97,22 @@ def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def group_normalise(scores: jax.Array, group_ids: jax.Array, eps: float) -> jax.Array:
+def group_normalise(scores: jax.Array, group_ids: jax.Array, eps: float,
+                    valid: jax.Array | None = None) -> jax.Array:
   """GRPO outcome normalisation: (s - group mean) / (group std + eps), std unbiased.
 
-  scores, group_ids: [N] (flattened rows). A group with a single member gets mean 0 and std 1, as
-  verl's compute_grpo_outcome_advantage does.
+  scores, group_ids, valid: [N] (one entry per trajectory; `valid` False = not a trajectory, left
+  out of every group). A group with a single member gets mean 0 and std 1, as verl's
+  compute_grpo_outcome_advantage does. Group sums are segment sums (no [N, N] matrix), so N may be
+  the step's slot count.
   """
   scores = scores.astype(jnp.float32)
-  same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)
-  count = same.sum(1)
-  mean = same @ scores / count
-  var = (same * jnp.square(scores[None, :] - mean[:, None])).sum(1) / jnp.maximum(count - 1, 1.0)
+  n = scores.shape[0]
+  w = jnp.ones((n,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  g = jnp.clip(group_ids.astype(jnp.int32), 0, n - 1)
+  count = jax.ops.segment_sum(w, g, n)[g]
+  mean = (jax.ops.segment_sum(w * scores, g, n) / jnp.maximum(jax.ops.segment_sum(w, g, n), 1.0))[g]
+  var = jax.ops.segment_sum(w * jnp.square(scores - mean), g, n)[g] / jnp.maximum(count - 1, 1.0)
   single = count <= 1
   mean = jnp.where(single, 0.0, mean)
   std = jnp.where(single, 1.0, jnp.sqrt(var))

@@ -44,12 +44,14 @@ class Learner:
       raise ValueError(f"config.algo.micro_batch={self.micro} must divide "
                        f"config.algo.mini_batch={self.mini}")
     rows = int(cfg.data.batch_size) * int(cfg.rollout.n)
+    self.pack = bool(cfg.algo.pack)
     updates_per_step = max(rows // self.mini, 1) * int(cfg.algo.ppo_epochs)
     self.actor_tx, self.actor_schedule = make_optimizer(
         float(cfg.optim.actor_lr), int(cfg.optim.actor_warmup), cfg.optim, updates_per_step)
     self.critic_tx, self.critic_schedule = make_optimizer(
         float(cfg.optim.critic_lr), int(cfg.optim.critic_warmup), cfg.optim, updates_per_step)
     shards = max(int(mesh.shape["data"]) * int(mesh.shape["fsdp"]), 1)
+    self.shards = shards
     if self.micro % shards:
       logging.warning("algo.micro_batch=%d is not a multiple of data*fsdp=%d: batch rows are not "
                       "sharded", self.micro, shards)
@@ -90,20 +92,34 @@ class Learner:
     return jax.tree.map(one, batch)
 
   def to_device(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
-    """Host PPOBatch [B, ...] -> sharded device batch [B // micro, micro, ...] (idempotent)."""
-    if batch.tokens.ndim == 3:
+    """Host PPOBatch -> sharded device batch [N, micro, ...] (idempotent).
+
+    A padded host batch [B, ...] is stacked into micro-batches of algo.micro_batch rows; a packed
+    one (batch.pack_batch) comes stacked already.
+    """
+    if isinstance(batch.tokens, jax.Array):
       return batch
-    B = batch.tokens.shape[0]
-    if B % self.mini:
-      raise ValueError(f"batch of {B} rows is not a multiple of config.algo.mini_batch={self.mini}")
-    stacked = batch_lib.stack_micro(jax.tree.map(np.asarray, batch), self.micro)
-    return put_global(stacked, self.batch_shardings(stacked))
+    if batch.tokens.ndim == 2:
+      B = batch.tokens.shape[0]
+      if B % self.mini:
+        raise ValueError(f"batch of {B} rows is not a multiple of config.algo.mini_batch="
+                         f"{self.mini}")
+      batch = batch_lib.stack_micro(jax.tree.map(np.asarray, batch), self.micro)
+    if batch.tokens.shape[0] % (self.mini // self.micro):
+      raise ValueError(f"{batch.tokens.shape[0]} micro-batches do not make whole mini-batches of "
+                       f"{self.mini // self.micro}")
+    return put_global(batch, self.batch_shardings(batch))
 
   # ----------------------------------------------------------------------------------- public API
   def make_batch(self, trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
-                 **kwargs) -> batch_lib.PPOBatch:
-    """batch.make_batch (the rewards already hold only the algorithm's terms)."""
-    return batch_lib.make_batch(trajectories, token_rewards, **kwargs)
+                 pad_id: int = 0, **kwargs) -> batch_lib.PPOBatch:
+    """The step's host batch: packed (batch.pack_batch) when config.algo.pack, else padded
+    (batch.make_batch, which takes the extra layout kwargs). The rewards already hold only the
+    algorithm's terms."""
+    if self.pack and not kwargs.keys() - {"group_ids"}:
+      return batch_lib.pack_batch(trajectories, token_rewards, mini=self.mini, micro=self.micro,
+                                  shards=self.shards, pad_id=pad_id, **kwargs)
+    return batch_lib.make_batch(trajectories, token_rewards, pad_id=pad_id, **kwargs)
 
   def prepare(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
     """Old log-probs, reference log-probs and values in one jitted pass (device batch out).

@@ -82,7 +82,6 @@ def _accumulate(acc, grads):
 
 def _update(state, batch: PPOBatch, index, *, policy_config, critic_config, hp: UpdateParams,
             actor_tx, critic_tx, actor_schedule, critic_schedule, n_micro: int, grad_shardings):
-  R = batch.response_len
   mb = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, index * n_micro, n_micro, 0), batch)
   use_critic = state["critic"] is not None
   cmask_all = mb.response_mask if hp.critic_mask == "all" else mb.loss_mask
@@ -90,15 +89,16 @@ def _update(state, batch: PPOBatch, index, *, policy_config, critic_config, hp: 
   critic_denom = jnp.maximum(cmask_all.sum(), 1.0)
 
   def actor_loss(params, micro):
-    lp, ent = policy_logprobs(policy_config, params, micro.tokens, micro.attention_mask, R,
-                              hp.temperature)
+    lp, ent = policy_logprobs(policy_config, params, micro.tokens, micro.segment_ids,
+                              micro.response_index, hp.temperature)
     pg, m = losses.policy_loss(lp, micro.old_logprobs, micro.advantages, micro.loss_mask,
                                hp.clip_ratio, actor_denom)
     entropy = losses.entropy_bonus(ent, micro.loss_mask, actor_denom)
     return pg - hp.entropy_coef * entropy, dict(pg_loss=pg, entropy=entropy, **m)
 
   def critic_loss(vparams, micro):
-    v = critic_values(critic_config, vparams, micro.tokens, micro.attention_mask, R)
+    v = critic_values(critic_config, vparams, micro.tokens, micro.segment_ids,
+                      micro.response_index)
     cmask = micro.response_mask if hp.critic_mask == "all" else micro.loss_mask
     vl, m = losses.value_loss(v, micro.values, micro.returns, cmask, hp.value_clip, critic_denom)
     return vl, dict(vf_loss=vl, **m)

@@ -1,0 +1,103 @@
+"""Packed batches (several trajectories per row) against padded ones (one per row): the layout,
+GAE restarting at trajectory boundaries, and one whole learner step giving the same losses,
+gradients and weights."""
+
+import jax
+import numpy as np
+import pytest
+
+from ppo_tiny import TINY, Traj, per_trajectory, random_trajectories, tiny_cfg, tiny_params
+from stepsearch_jax.models import segment_positions
+from stepsearch_jax.models.sharding import make_mesh
+from stepsearch_jax.ppo import make_learner
+from stepsearch_jax.ppo import batch as batch_lib
+from stepsearch_jax.ppo import gae as gae_lib
+
+MESH = make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def test_pack_layout_keeps_every_token_and_each_minibatch():
+  trajs, rewards = random_trajectories(16, seed=3)
+  packed = batch_lib.pack_batch(trajs, rewards, mini=8, micro=4)
+  padded = batch_lib.make_batch(trajs, rewards)
+  assert packed.tokens.ndim == 3 and packed.tokens.shape[0] == 2 * (8 // 4)
+  assert packed.padding_share < padded.padding_share
+  tokens = packed.tokens.reshape(-1, packed.tokens.shape[-1])
+  seg = packed.segment_ids.reshape(tokens.shape)
+  pos = np.asarray(segment_positions(seg))
+  rows_per_mini = tokens.shape[0] // 2
+  for k, tr in enumerate(trajs):
+    # the trajectory's slots hold its response, rewards and masks in order
+    np.testing.assert_array_equal(per_trajectory(packed.loss_mask, packed, k), tr.loss_mask)
+    np.testing.assert_array_equal(per_trajectory(packed.rewards, packed, k), rewards[k])
+    index = per_trajectory(packed.response_index, packed, k)
+    slot_rows = np.nonzero((packed.response_segment == k + 1).reshape(-1, packed.rewards.shape[-1])
+                           .any(-1))[0]
+    assert len(slot_rows) == 1                     # one row holds the whole trajectory
+    row = int(slot_rows[0])
+    assert row // rows_per_mini == k // 8          # ... inside its own mini-batch
+    np.testing.assert_array_equal(tokens[row, index + 1], tr.response_ids)
+    # its prompt sits right before the response, the segment starts at position 0
+    start = index[0] + 1 - len(tr.prompt_ids)
+    np.testing.assert_array_equal(tokens[row, start:index[0] + 1], tr.prompt_ids)
+    np.testing.assert_array_equal(pos[row, start:index[-1] + 2],
+                                  np.arange(index[-1] + 2 - start))
+    assert len(np.unique(seg[row, start:index[-1] + 2])) == 1
+  assert np.count_nonzero(seg) == sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+
+
+def test_pack_rejects_a_trajectory_longer_than_the_row():
+  trajs, rewards = random_trajectories(4, seed=0)
+  with pytest.raises(ValueError, match=r"trajectory 't\d' \(row \d\) has \d+ tokens, more than "
+                                       r"row_len=8"):
+    batch_lib.pack_batch(trajs, rewards, mini=4, micro=4, row_len=8)
+
+
+def test_gae_restarts_at_trajectory_boundaries():
+  """Two trajectories in one row (gamma, lam < 1, bridged tokens) == each in a row of its own."""
+  rng = np.random.default_rng(0)
+  a, b = 7, 5
+  r, v = rng.normal(size=(2, a + b)).astype(np.float32)
+  m = np.ones(a + b, np.float32)
+  m[[2, 3, 9]] = 0.0
+  seg = np.array([1] * a + [2] * b)
+  adv, ret = gae_lib.gae(r[None], v[None], m[None], 0.9, 0.8, seg[None])
+  for sl in (slice(0, a), slice(a, a + b)):
+    want_adv, want_ret = gae_lib.gae(r[None, sl], v[None, sl], m[None, sl], 0.9, 0.8)
+    np.testing.assert_allclose(np.asarray(adv)[0, sl], np.asarray(want_adv)[0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ret)[0, sl], np.asarray(want_ret)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["steppo", "grpo"])
+def test_packed_step_equals_padded_step(algo):
+  """prepare -> advantages -> update (2 mini-batches of 2 micro-batches) on the same trajectories:
+  per-trajectory advantages/returns, the update's metrics and the new weights agree."""
+  policy, critic, ref = tiny_params()
+  trajs, rewards = random_trajectories(8, seed=5, groups=4 if algo == "grpo" else None)
+  trajs[0] = Traj(trajs[0].prompt_ids, trajs[0].response_ids * 3, trajs[0].loss_mask * 3, "long")
+  rewards[0] = np.tile(rewards[0], 3)
+  out = {}
+  for pack in (False, True):
+    cfg = tiny_cfg(algo, mini=4, micro=2, pack=pack)
+    cfg.algo.gamma, cfg.algo.lam = 0.95, 0.9       # GAE must restart at every boundary
+    learner = make_learner(cfg, policy, critic if algo != "grpo" else None, ref, MESH,
+                           policy_config=TINY)
+    host = learner.make_batch(trajs, rewards)
+    dev, adv_metrics = learner.advantages(learner.prepare(host))
+    per = {f: [per_trajectory(getattr(dev, f), dev, k) for k in range(8)]
+           for f in ("old_logprobs", "values", "advantages", "returns")}
+    metrics = learner.update(dev)
+    out[pack] = (np.asarray(host.segment_ids).size, per, adv_metrics, metrics,
+                 jax.device_get(learner.state))
+  (cols_pad, per_a, adv_a, m_a, s_a), (cols_pack, per_b, adv_b, m_b, s_b) = out[False], out[True]
+  assert cols_pack < cols_pad
+  for f in per_a:
+    for k in range(8):
+      np.testing.assert_allclose(per_b[f][k], per_a[f][k], rtol=1e-4, atol=1e-5, err_msg=f)
+  for k in adv_a:
+    np.testing.assert_allclose(adv_b[k], adv_a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for k in m_a:
+    np.testing.assert_allclose(m_b[k], m_a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # weights after 2 AdamW updates at lr 1e-3: Adam's per-entry normalisation turns rounding-level
+  # gradient differences on near-zero entries into up to ~1e-6 weight differences (0.1% of a step)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=5e-6), s_a, s_b)
