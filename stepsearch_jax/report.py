@@ -156,7 +156,7 @@ def render_trajectory(k: int, traj: Trajectory, rcfg: RewardConfig, decode) -> t
     sr = res.step_rewards[t] if t < len(res.step_rewards) else None
     ig = res.info_gains[t] if t < len(res.info_gains) else None
     red = res.redundancies[t] if t < len(res.redundancies) else None
-    fmt = lambda v: "" if v is None else f"{v:+.3f}"
+    fmt = lambda v: "" if v is None else f"{round(v, 3) + 0.0:+.3f}"  # never "-0.000"
     rows.append(f'<tr class="search"><td>{t + 1}</td><td>{html.escape(query)}</td>'
                 f'<td>{fmt(sr)}</td><td>{fmt(ig)}</td><td>{fmt(-red if red is not None else None)}'
                 f'</td><td>{"".join(passages)}</td></tr>')
