@@ -10,8 +10,8 @@ The training loop (train.py) uses it like this::
                          policy_config=model_config, critic_config=None)
   for step ...:
     trajs = rollout(...);  token_rewards = [rewards.token_rewards(score(...), ...) for ...]
-    batch = learner.make_batch(trajs, token_rewards, pad_id=tok.pad_token_id,
-                               prompt_len=None, response_len=None)  # host numpy, bucketed shapes
+    batch = learner.make_batch(trajs, token_rewards, pad_id=tok.pad_token_id)
+    # host numpy, bucketed shapes; packed (several trajectories per row) when cfg.algo.pack
     batch = learner.prepare(batch)           # old/ref log-probs + values, one jit (device batch)
     batch, adv_metrics = learner.advantages(batch)   # KL-in-reward, GAE/GRPO, whitening
     metrics = learner.update(batch)          # ppo_epochs x mini-batches, one jit per mini-batch
@@ -26,7 +26,9 @@ Learner API (stepsearch_jax/ppo/learner.py):
                policy_config: ModelConfig, critic_config: ModelConfig | None = None) -> Learner
     params are copied onto `mesh` with the model's param_shardings; critic_params is required for
     algorithms with a critic and ignored for grpo; ref_params None = no KL (ref log-probs = old).
-  Learner.make_batch(trajectories, token_rewards, **make_batch_kwargs) -> PPOBatch (host)
+  Learner.make_batch(trajectories, token_rewards, pad_id=0, **make_batch_kwargs) -> PPOBatch
+    (host): batch.pack_batch when cfg.algo.pack and no padded-layout kwargs are given, else
+    batch.make_batch (one trajectory per row)
   Learner.prepare(batch) -> PPOBatch (device, [N, micro, ...], old_logprobs/ref_logprobs/values)
   Learner.advantages(batch) -> (PPOBatch with advantages/returns, dict of float metrics:
     kl_in_reward, score_sum, reward_sum, returns_mean, values_mean)
@@ -42,11 +44,12 @@ rng_from_json).
 """
 
 from stepsearch_jax.ppo.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from stepsearch_jax.ppo.batch import PPOBatch, bucket_length, make_batch
+from stepsearch_jax.ppo.batch import PPOBatch, bucket_length, make_batch, pack_batch
 from stepsearch_jax.ppo.checkpoint import (Checkpointer, FingerprintMismatchError, is_finite,
                                            rng_from_json, rng_to_json)
 from stepsearch_jax.ppo.learner import Learner, make_learner
 
 __all__ = ["ALGORITHMS", "Algorithm", "get_algorithm", "PPOBatch", "bucket_length", "make_batch",
+           "pack_batch",
            "Checkpointer", "FingerprintMismatchError", "is_finite", "rng_from_json", "rng_to_json",
            "Learner", "make_learner"]
