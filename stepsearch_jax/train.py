@@ -192,7 +192,7 @@ class Trainer:
     times["time/reward_s"] = time.time() - t
     t = time.time()
     batch = self.learner.make_batch(trajs, rewards, pad_id=self.ws.tokenizer.pad_token_id)
-    times["update/padding_share"] = batch.padding_share
+    padding_share = batch.padding_share
     batch = self.learner.prepare(batch)
     batch, adv = self.learner.advantages(batch)
     jax.block_until_ready(batch)
@@ -206,6 +206,7 @@ class Trainer:
     self.engine.swap_params(self.learner.policy_params)
     times["time/weight_push_s"] = time.time() - t
     return {**reward_stats(results, trajs), **adv, **upd, **times,
+            "update/padding_share": padding_share,
             "data/position": position, "rollout/tokens_per_s": trajs.stats.get("tokens_per_s", 0)}
 
   def check_finite(self, step: int, upd: dict) -> None:
