@@ -1,8 +1,10 @@
 """Rollout throughput: native driver vs JetStream driver vs transformers+torch, side by side.
 
   .venv/bin/python bench/rollout.py [--batches 1,8,32] [--out bench/results/rollout.json]
+  .venv/bin/python bench/rollout.py --models smollm2,qwen2.5-0.5b-shape [--batches 1,8,32,64]
+      (real shapes: scripted episodes, bandwidth roofline, context sweep; see `bench/rollout_scale.py`)
 
-One run builds the synthetic world, its BM25 index behind the real retrieval server, and a small
+Without `--models` (the toy), one run builds the synthetic world, its BM25 index behind the real retrieval server, and a small
 word-level policy warm-started to search (tests/toy_world.py). Then, for each batch size,
 the same greedy 5-turn search rollout (max_turns=5, then the final answer turn) is run by
   native:    our continuous-batching driver (slots kept across turns, appended tokens prefilled
@@ -48,6 +50,18 @@ from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 import toy_world  # noqa: E402
 
 
+def left_padded(active, pad: int):
+  """The live episodes' contexts as one left-padded torch batch (ids, attention mask)."""
+  import torch
+  width = max(len(e.context) for e in active)
+  ids = torch.full((len(active), width), pad, dtype=torch.long)
+  mask = torch.zeros((len(active), width), dtype=torch.long)
+  for i, e in enumerate(active):
+    ids[i, width - len(e.context):] = torch.tensor(e.context)
+    mask[i, width - len(e.context):] = 1
+  return ids, mask
+
+
 def torch_rollout(hf, tok, records, cfg: episode.LoopConfig, retriever,
                   device="cpu") -> tuple[list, float]:
   import torch
@@ -60,16 +74,11 @@ def torch_rollout(hf, tok, records, cfg: episode.LoopConfig, retriever,
     active = [e for e in eps if not e.done]
     if not active:
       break
-    width = max(len(e.context) for e in active)
-    ids = torch.full((len(active), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(active), width), dtype=torch.long)
-    for i, e in enumerate(active):
-      ids[i, width - len(e.context):] = torch.tensor(e.context)
-      mask[i, width - len(e.context):] = 1
+    ids, mask = left_padded(active, tok.pad_token_id)
     with torch.no_grad():
       out = hf.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
                         max_new_tokens=cfg.max_tokens_per_turn, eos_token_id=stop_ids,
-                        pad_token_id=tok.pad_token_id)[:, width:].tolist()
+                        pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
     searching = []
     for e, row in zip(active, out):
       end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
@@ -88,6 +97,9 @@ def model_tokens(trajs) -> int:
 
 
 def main() -> None:
+  if any(a == "--models" or a.startswith("--models=") for a in sys.argv[1:]):
+    import rollout_scale   # bench/rollout_scale.py: the same contenders at real model shapes
+    return rollout_scale.main()
   p = argparse.ArgumentParser()
   p.add_argument("--batches", default="1,8,32")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "rollout.json"))
