@@ -1,6 +1,7 @@
 """Retrieval sidecar throughput and latency, side by side with in-process encode+search.
 
   .venv/bin/python bench/retrieval.py [--passages 20000] [--dtype float32] [--rounds 2]
+      [--search_r1 PATH/TO/Search-R1]
 
 Builds (once, cached under --cache_dir) a generated corpus of >= 20k passages and its Flat-IP
 index with the bundled all-MiniLM-L6-v2, starts `retrieval.server` as a subprocess on a loopback
@@ -9,7 +10,13 @@ port with its cache disabled, and measures queries/s and p50/p99 request latency
   - one client sending 128-query requests,
 each next to the same queries through `Searcher.search` in this process in batches of the same
 size (1, 8, 32, 128: the largest batch the server could form). ratio = server q/s / in-process
-q/s; overhead = 1 - ratio. The two sides alternate over slices of the query set (pooled totals)
+q/s; overhead = 1 - ratio. With `--search_r1` (a Search-R1 checkout, or its
+`search_r1/search/retrieval_server.py`), Search-R1's own server is a third contender, run with its
+file unchanged (bench/search_r1_cpu.py makes its `.cuda()` calls CPU-safe) on the same corpus,
+`index.faiss` and MiniLM folder, in the same alternation (`--search_r1_dtype float32` skips the
+fp16 cast its file hard-codes, which is slow on a CPU); `ours_over_search_r1` is our server's
+q/s over theirs, and `search_r1_top3_agreement` the share of queries whose top-3 ids match ours.
+The interpreter that runs it (`--search_r1_python`, default this one) needs `datasets`. The two sides alternate over slices of the query set (pooled totals)
 because this machine is shared and its load swings within seconds. The load generator shares the CPU with the server, so overhead includes
 the clients' own HTTP cost. Writes bench/results/retrieval.json and prints it.
 """
@@ -95,8 +102,10 @@ async def _server_run(url: str, queries: list[str], clients: int, per_request: i
           "queries": len(queries), "clients": clients, "queries_per_request": per_request}
 
 
-def server_run(url, queries, clients, per_request) -> dict:
+def server_run(url, queries, clients, per_request, health: bool = True) -> dict:
   import httpx
+  if not health:   # Search-R1's server has no /health counters
+    return asyncio.run(_server_run(url, queries, clients, per_request))
   before = httpx.get(f"{url}/health").json()
   out = asyncio.run(_server_run(url, queries, clients, per_request))
   after = httpx.get(f"{url}/health").json()
@@ -107,6 +116,52 @@ def server_run(url, queries, clients, per_request) -> dict:
   out["worker_busy_fraction"] = (after["worker_busy_s"] - before["worker_busy_s"]) / (
       len(queries) / out["qps"])
   return out
+
+
+def start_search_r1(path: str, python: str, index_dir: str, corpus: str, encoder: str,
+                    fp32: bool, timeout_s: float = 600.0):
+  """Search-R1's retrieval_server.py (unchanged, via bench/search_r1_cpu.py) on a free loopback
+  port, serving our `index.faiss` and corpus with the same MiniLM folder; returns (proc, url)."""
+  import subprocess
+  import tempfile
+
+  import httpx
+  import portpicker
+  server = path if path.endswith(".py") else os.path.join(path, "search_r1", "search",
+                                                          "retrieval_server.py")
+  if not os.path.isfile(server):
+    raise SystemExit(f"--search_r1: no retrieval_server.py at {server}")
+  port = portpicker.pick_unused_port()
+  url = f"http://127.0.0.1:{port}"
+  log = tempfile.NamedTemporaryFile("w+b", prefix="search_r1_server_", suffix=".log", delete=False)
+  # retriever_name "minilm": no e5/bge query prefix, mean pooling and normalisation, as ours
+  cmd = [python, os.path.join(ROOT, "bench", "search_r1_cpu.py"), server, "--port", str(port),
+         "--index_path", os.path.join(index_dir, "index.faiss"), "--corpus_path", corpus,
+         "--topk", str(TOPK), "--retriever_name", "minilm", "--retriever_model", encoder,
+         *(["--fp32"] if fp32 else [])]
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  body = {"queries": ["warm up"], "topk": TOPK, "return_scores": True}
+  deadline = time.time() + timeout_s
+  while True:
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      with open(log.name, "rb") as f:
+        tail = f.read()[-3000:].decode("utf-8", "replace")
+      hint = " (that interpreter needs `datasets`)" if "datasets" in tail else ""
+      raise SystemExit(f"Search-R1's server did not come up{hint}; log {log.name}:\n{tail}")
+    try:
+      if httpx.post(f"{url}/retrieve", json=body, timeout=30.0).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      pass
+    time.sleep(1.0)
+
+
+def top_ids(url: str, queries: list[str]) -> list[list[str]]:
+  import httpx
+  r = httpx.post(f"{url}/retrieve", json={"queries": queries, "topk": TOPK, "return_scores": True},
+                 timeout=300.0).json()["result"]
+  return [[str(hit["document"]["id"]) for hit in row] for row in r]
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -131,6 +186,14 @@ def main() -> None:
   p.add_argument("--slices", type=int, default=4, help="alternations per case and round")
   p.add_argument("--cache_dir", default="/tmp/stepsearch_bench_retrieval")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "retrieval.json"))
+  p.add_argument("--search_r1", default=None,
+                 help="a Search-R1 checkout (or its retrieval_server.py): add it as a contender")
+  p.add_argument("--search_r1_python", default=sys.executable,
+                 help="interpreter for Search-R1's server (needs torch, transformers, faiss, "
+                      "fastapi, uvicorn, datasets)")
+  p.add_argument("--search_r1_dtype", default="as_shipped", choices=("as_shipped", "float32"),
+                 help="as_shipped: its hard-coded fp16 encoder; float32: .half() skipped "
+                      "(bench/search_r1_cpu.py --fp32), the same dtype as ours")
   a = p.parse_args()
   if a.passages < 20000:
     print("note: the design's anchor figures use >= 20k passages", file=sys.stderr)
@@ -153,13 +216,24 @@ def main() -> None:
   cases = [("clients_1", 1, 1, queries[:192]), ("clients_8", 8, 1, queries),
            ("clients_32", 32, 1, queries), ("requests_128", 1, 128, queries)]
   results = {}
+  theirs = None
   try:
-    for name, clients, per_req, qs in cases:   # one untimed pass so both sides are warm
+    if a.search_r1:
+      from retrieval.encoder import default_encoder_path
+      theirs, their_url = start_search_r1(a.search_r1, a.search_r1_python, index_dir, corpus,
+                                          default_encoder_path(),
+                                          a.search_r1_dtype == "float32")
+      sample = queries[:256]
+      same = [x == y for x, y in zip(top_ids(url, sample), top_ids(their_url, sample))]
+      agreement = float(np.mean(same))
+    for name, clients, per_req, qs in cases:   # one untimed pass so every side is warm
       server_run(url, qs[:64], clients, per_req)
       inprocess(searcher, qs[:64], max(clients, per_req))
+      if theirs:
+        server_run(their_url, qs[:64], clients, per_req, health=False)
     for name, clients, per_req, qs in cases:
       batch = max(clients, per_req)
-      ins, srv = [], []
+      ins, srv, sr1 = [], [], []
       # Alternate small slices of the query set between the two sides, so that load from other
       # processes on this shared machine hits both about equally; totals are pooled.
       step = max(batch, len(qs) // a.slices)
@@ -167,15 +241,25 @@ def main() -> None:
         for j in range(0, len(qs), step):
           ins.append(inprocess(searcher, qs[j:j + step], batch))
           srv.append(server_run(url, qs[j:j + step], clients, per_req))
+          if theirs:
+            sr1.append(server_run(their_url, qs[j:j + step], clients, per_req, health=False))
       i, s = pooled(ins), pooled(srv)
       results[name] = {"server": s, "in_process": i, "ratio": s["qps"] / i["qps"],
                        "overhead": 1.0 - s["qps"] / i["qps"]}
+      if theirs:
+        results[name]["search_r1"] = pooled(sr1)
+        results[name]["ours_over_search_r1"] = s["qps"] / results[name]["search_r1"]["qps"]
+        print(f"{name}: Search-R1 server {results[name]['search_r1']['qps']:.1f} q/s (p99 "
+              f"{results[name]['search_r1']['p99_ms']:.1f} ms) | ours / theirs "
+              f"{results[name]['ours_over_search_r1']:.2f}", file=sys.stderr)
       print(f"{name}: server {s['qps']:.1f} q/s (p50 {s['p50_ms']:.1f} ms, p99 "
             f"{s['p99_ms']:.1f} ms, micro-batch {s['mean_micro_batch']:.1f}) | in-process "
             f"{i['qps']:.1f} q/s | ratio {results[name]['ratio']:.3f}", file=sys.stderr)
   finally:
-    proc.terminate()
-    proc.wait(timeout=30)
+    for pr in (proc, theirs):
+      if pr is not None:
+        pr.terminate()
+        pr.wait(timeout=30)
   report = {
       "bench": "retrieval", "passages": manifest["num_passages"], "dim": manifest["dim"],
       "index": manifest["index_type"], "encoder": manifest["encoder"]["name"],
@@ -185,7 +269,13 @@ def main() -> None:
       "targets": {"overhead_at_32_clients": 0.15, "requests_128_qps": 400,
                   "clients_32_qps": 250, "clients_32_p99_ms": 250},
       "meets_overhead_target": results["clients_32"]["overhead"] <= 0.15,
+      "build_passages_per_s": (manifest["num_passages"] / build_s
+                               if manifest["chunks_encoded"] else None),
   }
+  if theirs:
+    report["search_r1"] = {"server": a.search_r1, "dtype": a.search_r1_dtype,
+                           "top3_agreement": agreement,
+                           "targets": {"requests_128_ours_over_theirs": 2.0}}
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(report, f, indent=2)
