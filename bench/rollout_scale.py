@@ -336,10 +336,13 @@ def _num(x) -> str:
 
 
 def markdown(report: dict) -> str:
-  lines = [f"Memory bandwidth (jitted f32 copy, this run): {report['bandwidth_gb_s']:.1f} GB/s. "
-           f"Scripted episodes: 5 search turns + 1 answer turn of {report['turn_tokens']} tokens.",
-           f"Peak float32 matmul (jitted 2048^3, this run): {report['peak_matmul_gflop_s']:.0f} GFLOP/s.",
-           "", "| model | batch | native tok/s | JetStream tok/s | torch tok/s | native / torch | "
+  lines = [f"Scripted episodes: 5 search turns + 1 answer turn of {report['turn_tokens']} tokens. "
+           "Each model's rooflines use the memory bandwidth (jitted f32 copy) and peak float32 "
+           "matmul (jitted 2048^3) measured in the run that benched it:", ""]
+  lines += [f"- {m['model']}: {m['bandwidth_gb_s']:.1f} GB/s, {m['peak_matmul_gflop_s']:.0f} GFLOP/s, "
+            f"load average {m.get('load_average_1m', float('nan')):.1f} at its end"
+            for m in report["models"]]
+  lines += ["", "| model | batch | native tok/s | JetStream tok/s | torch tok/s | native / torch | "
            "decode step ms | bandwidth roofline ms | compute bound ms | roofline / step | "
            "max(bounds) / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
@@ -388,7 +391,8 @@ def plot(report: dict, path: str) -> None:
         ylabel="ms per decode step", title="decode step (solid), bandwidth roofline (dashed),\ncompute bound (dotted)")
   b.grid(alpha=0.3, which="both")
   b.legend(fontsize=7)
-  fig.suptitle(f"{report['device_kind']}, {report['bandwidth_gb_s']:.1f} GB/s measured")
+  fig.suptitle(f"{report['device_kind']}, measured bandwidth " + ", ".join(
+      f"{m['model']} {m['bandwidth_gb_s']:.1f} GB/s" for m in report["models"]))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -424,7 +428,12 @@ def main() -> None:
   done = {}
   if args.reuse and os.path.exists(args.out):
     with open(args.out) as f:
-      done = {m["model"]: m for m in json.load(f).get("models", [])}
+      old = json.load(f)
+    # entries from before the per-model figures were kept carry the file's run-level ones
+    done = {m["model"]: {"bandwidth_gb_s": old["bandwidth_gb_s"],
+                         "peak_matmul_gflop_s": old["peak_matmul_gflop_s"],
+                         "load_average_1m": old.get("load_average_1m_end"), **m}
+            for m in old.get("models", [])}
   world = toy_world.build_world(work, num_people=60, num_train=64, num_test=max(args.batch_list))
   proc, url = start_subprocess(world["index_dir"], timeout_s=120)
   try:
@@ -435,6 +444,8 @@ def main() -> None:
     for name in args.models.split(","):
       if name not in done:
         done[name] = bench_model(name, args, work, world, retriever, bw, peak)
+        done[name].update(bandwidth_gb_s=bw, peak_matmul_gflop_s=peak / 1e9,
+                          load_average_1m=os.getloadavg()[0])
       report = {"benchmark": "rollout_scale", "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
                 "bandwidth_gb_s": bw, "peak_matmul_gflop_s": peak / 1e9, "turn_tokens": args.turn_tokens, "dtype": "float32",
