@@ -23,7 +23,7 @@ import sys
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   p.add_argument("server", help="path to Search-R1's search_r1/search/retrieval_server.py")
   p.add_argument("--port", type=int, required=True)
   p.add_argument("--fp32", action="store_true", help="keep the encoder in float32 (no .half())")
