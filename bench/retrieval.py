@@ -122,39 +122,31 @@ def start_search_r1(path: str, python: str, index_dir: str, corpus: str, encoder
                     fp32: bool, timeout_s: float = 600.0):
   """Search-R1's retrieval_server.py (unchanged, via bench/search_r1_cpu.py) on a free loopback
   port, serving our `index.faiss` and corpus with the same MiniLM folder; returns (proc, url)."""
-  import subprocess
-  import tempfile
-
   import httpx
   import portpicker
+
+  from retrieval.server import spawn_until_ready
   server = path if path.endswith(".py") else os.path.join(path, "search_r1", "search",
                                                           "retrieval_server.py")
   if not os.path.isfile(server):
     raise SystemExit(f"--search_r1: no retrieval_server.py at {server}")
-  port = portpicker.pick_unused_port()
-  url = f"http://127.0.0.1:{port}"
-  log = tempfile.NamedTemporaryFile("w+b", prefix="search_r1_server_", suffix=".log", delete=False)
+  url = f"http://127.0.0.1:{portpicker.pick_unused_port()}"
   # retriever_name "minilm": no e5/bge query prefix, mean pooling and normalisation, as ours
-  cmd = [python, os.path.join(ROOT, "bench", "search_r1_cpu.py"), server, "--port", str(port),
-         "--index_path", os.path.join(index_dir, "index.faiss"), "--corpus_path", corpus,
-         "--topk", str(TOPK), "--retriever_name", "minilm", "--retriever_model", encoder,
-         *(["--fp32"] if fp32 else [])]
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  cmd = [python, os.path.join(ROOT, "bench", "search_r1_cpu.py"), server,
+         "--port", url.rsplit(":", 1)[1], "--index_path", os.path.join(index_dir, "index.faiss"),
+         "--corpus_path", corpus, "--topk", str(TOPK), "--retriever_name", "minilm",
+         "--retriever_model", encoder, *(["--fp32"] if fp32 else [])]
   body = {"queries": ["warm up"], "topk": TOPK, "return_scores": True}
-  deadline = time.time() + timeout_s
-  while True:
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      with open(log.name, "rb") as f:
-        tail = f.read()[-3000:].decode("utf-8", "replace")
-      hint = " (that interpreter needs `datasets`)" if "datasets" in tail else ""
-      raise SystemExit(f"Search-R1's server did not come up{hint}; log {log.name}:\n{tail}")
-    try:
-      if httpx.post(f"{url}/retrieve", json=body, timeout=30.0).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      pass
-    time.sleep(1.0)
+
+  def answers() -> bool:  # it has no /health: the first real search is the readiness probe
+    return httpx.post(f"{url}/retrieve", json=body, timeout=30.0).status_code == 200
+
+  try:
+    return spawn_until_ready(cmd, answers, "Search-R1's server", timeout_s,
+                             log_prefix="search_r1_server_", poll_s=1.0), url
+  except (RuntimeError, TimeoutError) as e:
+    hint = " (that interpreter needs `datasets`)" if "datasets" in str(e) else ""
+    raise SystemExit(f"{e}{hint}") from None
 
 
 def top_ids(url: str, queries: list[str]) -> list[list[str]]:

@@ -48,18 +48,7 @@ from stepsearch_jax.rollout import episode  # noqa: E402
 from stepsearch_jax.rollout.driver import RolloutResult, rollout  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 import toy_world  # noqa: E402
-
-
-def left_padded(active, pad: int):
-  """The live episodes' contexts as one left-padded torch batch (ids, attention mask)."""
-  import torch
-  width = max(len(e.context) for e in active)
-  ids = torch.full((len(active), width), pad, dtype=torch.long)
-  mask = torch.zeros((len(active), width), dtype=torch.long)
-  for i, e in enumerate(active):
-    ids[i, width - len(e.context):] = torch.tensor(e.context)
-    mask[i, width - len(e.context):] = 1
-  return ids, mask
+from torch_batch import left_padded  # noqa: E402
 
 
 def torch_rollout(hf, tok, records, cfg: episode.LoopConfig, retriever,

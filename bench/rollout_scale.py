@@ -68,7 +68,7 @@ from stepsearch_jax.rollout.jetstream_driver import run_jetstream  # noqa: E402
 from stepsearch_jax.rollout.native import run_native  # noqa: E402
 from stepsearch_jax.rollout.retriever import RetrieverClient  # noqa: E402
 import toy_world  # noqa: E402
-from rollout import left_padded  # noqa: E402
+from torch_batch import left_padded  # noqa: E402
 from update import peak_matmul_flops  # noqa: E402  (bench/update.py: the same peak as the MFU)
 
 QWEN05 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936,

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 LOOPBACK = "127.0.0.1"
 
@@ -474,7 +474,6 @@ def start_subprocess(index_dir: str | None, port: int | None = None, host: str =
     import portpicker
     port = portpicker.pick_unused_port()
   url = f"http://{host}:{port}"
-  log = tempfile.NamedTemporaryFile("w+b", prefix="retrieval_server_", suffix=".log", delete=False)
   cmd = [sys.executable, "-m", "retrieval.server", *(["--index", index_dir] if index_dir else []),
          "--host", host, "--port", str(port), "--parent_pid", str(os.getpid()), *extra_args]
   if token:
@@ -482,9 +481,26 @@ def start_subprocess(index_dir: str | None, port: int | None = None, host: str =
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc_env = sidecar_env({**os.environ, **(env or {})})
   proc_env["PYTHONPATH"] = root + os.pathsep + proc_env.get("PYTHONPATH", "")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
-  proc.log_path = log.name
   headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+  def healthy() -> bool:
+    return httpx.get(f"{url}/health", headers=headers, timeout=2.0).status_code == 200
+
+  proc = spawn_until_ready(cmd, healthy, f"retrieval server at {url}", timeout_s, env=proc_env,
+                           log_prefix="retrieval_server_")
+  return proc, url
+
+
+def spawn_until_ready(cmd: Sequence[str], ready: Callable[[], bool], what: str, timeout_s: float,
+                      env: dict | None = None, log_prefix: str = "server_",
+                      poll_s: float = 0.2) -> subprocess.Popen:
+  """Start `cmd` with its output in a log file (`proc.log_path`) and poll `ready()` (HTTP errors
+  count as not ready) until it is true. If the process dies or `timeout_s` passes, it is killed
+  and the error carries the log's tail, so a server that cannot start says why."""
+  import httpx
+  log = tempfile.NamedTemporaryFile("w+b", prefix=log_prefix, suffix=".log", delete=False)
+  proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
+  proc.log_path = log.name
   deadline = time.time() + timeout_s
 
   def tail() -> str:
@@ -493,19 +509,17 @@ def start_subprocess(index_dir: str | None, port: int | None = None, host: str =
 
   while True:
     if proc.poll() is not None:
-      raise RuntimeError(f"retrieval server exited with code {proc.returncode} before answering "
-                         f"{url}/health; log {log.name}:\n{tail()}")
+      raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready; log "
+                         f"{log.name}:\n{tail()}")
     try:
-      r = httpx.get(f"{url}/health", headers=headers, timeout=2.0)
-      if r.status_code == 200:
-        return proc, url
+      if ready():
+        return proc
     except httpx.HTTPError:
       pass
     if time.time() > deadline:
-      proc.terminate()
-      raise TimeoutError(f"retrieval server at {url} not healthy after {timeout_s}s; log "
-                         f"{log.name}:\n{tail()}")
-    time.sleep(0.2)
+      proc.kill()
+      raise TimeoutError(f"{what} not ready after {timeout_s}s; log {log.name}:\n{tail()}")
+    time.sleep(poll_s)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,44 @@ def test_launcher_serves_unchanged_file_on_cpu(tmp_path):
 
 def test_launcher_fp32_skips_half(tmp_path):
   assert _serve(tmp_path, "--fp32", "--half")["dtype"] == "torch.float32"
+
+
+def _bench_retrieval():
+  """bench/retrieval.py as a module (its file name would shadow the `retrieval` package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_retrieval",
+                                                os.path.join(ROOT, "bench", "retrieval.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_start_search_r1_waits_for_an_answer_and_passes_our_index(tmp_path):
+  path = tmp_path / "retrieval_server.py"
+  path.write_text(SERVER)
+  bench = _bench_retrieval()
+  proc, url = bench.start_search_r1(str(path), sys.executable, str(tmp_path), "corpus.jsonl",
+                                    "minilm_dir", fp32=True, timeout_s=120)
+  try:
+    got = httpx.post(f"{url}/retrieve", timeout=5).json()
+    argv = got["argv"]
+    assert argv[argv.index("--index_path") + 1] == str(tmp_path / "index.faiss")
+    assert argv[argv.index("--retriever_model") + 1] == "minilm_dir"
+    assert got["dtype"] == "torch.float32" and got["device"] == "cpu"
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_start_search_r1_failure_carries_the_log_and_a_hint(tmp_path):
+  path = tmp_path / "retrieval_server.py"
+  path.write_text("import datasets_is_missing_here as datasets\n")
+  try:
+    _bench_retrieval().start_search_r1(str(path), sys.executable, str(tmp_path), "c", "e",
+                                       fp32=False, timeout_s=60)
+  except SystemExit as e:
+    msg = str(e)
+  else:
+    raise AssertionError("a server that cannot import must not count as started")
+  assert "exited with code 1" in msg and "datasets_is_missing_here" in msg
+  assert "needs `datasets`" in msg and "search_r1_server_" in msg   # the log file is named
