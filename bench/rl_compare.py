@@ -167,7 +167,7 @@ def markdown(summary: list[dict], bases: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(runs: list[dict], hops: int, out_png: str) -> None:
+def plot(runs: list[dict], hops: int, out_png: str, task: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -188,23 +188,24 @@ def plot(runs: list[dict], hops: int, out_png: str) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=8)
-  fig.suptitle(f"{hops}-hop credit task: train curves per method (mean ± std over seeds)")
+  fig.suptitle(f"{task}{hops}, {hops} hops: train curves per method (mean ± std over seeds)")
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   plt.close(fig)
 
 
-def write_outputs(out_dir: str, root: str, command: str) -> dict:
+def write_outputs(out_dir: str, root: str, command: str, config: str) -> dict:
   runs, bases = collect(root)
   summary = summarise(runs)
-  out = {"command": command, "task": "configs/demo.py:creditH", "warm_start": bases,
+  out = {"command": command, "task": f"{config}H", "warm_start": bases,
          "summary": summary, "runs": runs}
   with open(os.path.join(out_dir, "rl_compare.json"), "w") as f:
     json.dump(out, f, indent=1)
   with open(os.path.join(out_dir, "rl_compare.md"), "w") as f:
     f.write(markdown(summary, bases) + "\n")
   for hops in sorted({r["hops"] for r in runs}):
-    plot(runs, hops, os.path.join(out_dir, f"rl_compare_h{hops}.png"))
+    plot(runs, hops, os.path.join(out_dir, f"rl_compare_h{hops}.png"),
+         config.rsplit(":", 1)[-1])
   return out
 
 
@@ -235,7 +236,8 @@ def main() -> None:
       for algo in args.algos.split(","):
         run = run_one(root, config, hops, algo, seed, args, common)
         print(json.dumps({k: v for k, v in run.items() if k != "curves"}), flush=True)
-        out = write_outputs(args.out, root, command)   # after every run: partial results kept
+        # after every run: partial results kept
+        out = write_outputs(args.out, root, command, args.config)
   if out is not None:
     print(markdown(out["summary"], out["warm_start"]))
 

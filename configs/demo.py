@@ -11,6 +11,7 @@ the search policy is weak), then StePPO. `smoke` runs 2 steps on a tiny batch.
 `credit` is the task of the step-reward study (bench/rl_compare.py, README "What the step rewards
 buy"): a task where the outcome reward is sparse and credit assignment matters.
     python -m stepsearch_jax.train --config configs/demo.py:credit --workdir runs/credit
+`sparse` is the same task with the outcome reward sparser still (design 3 of the study).
 """
 
 from stepsearch_jax.config import base_config
@@ -90,7 +91,8 @@ def get_config(arg=None):
     c.eval_before_train = False
     c.eval_every = 0
     c.save_every = 1
-  if arg is not None and arg.startswith("credit"):
+  task = next((t for t in ("credit", "sparse") if arg and arg.startswith(t)), None)
+  if task is not None:
     # Why step rewards should matter here: the chains are long (3 hops by default; credit2/3/4 pick
     # the count) and the warm start's demonstrations derail a hop half of the time, in the ways
     # the step rewards see and the answer F1 does not tell apart: a vague query (no name: the gold
@@ -103,7 +105,7 @@ def get_config(arg=None):
     # ~1/8 of the time and a 4-hop chain ~1/16, so most sampled trajectories get no answer
     # reward. Two distractors per fact (a similar name, same relation) make a half-right query
     # retrieve a wrong passage.
-    hops = int(arg[len("credit"):] or 3)
+    hops = int(arg[len(task):] or 3)
     c.data.synthetic.min_hops = hops
     c.data.synthetic.max_hops = hops
     c.data.synthetic.distractors_per_fact = 2
@@ -112,6 +114,13 @@ def get_config(arg=None):
     c.rollout.max_turns = hops + 2          # every hop, the answer and one spare turn
     c.rollout.max_context = 2048
     c.rollout.max_start = 256
+  if task == "sparse":
+    # Design 3 of the study (README): the credit task with the outcome reward sparser still. A
+    # demonstration's hop is clean with probability 0.25, as likely as each of the three flaws, so
+    # no behaviour is the warm start's mode and a sampled 4-hop chain is clean ~0.25^4 = 1/256 of
+    # the time: in a 16 x 32 trajectory budget outcome-only PPO sees about two fully right
+    # trajectories, while every clean hop still earns information gain and the search-key reward.
+    c.sft.quality = 0.25
   if arg == "test":   # the trainer's end-to-end tests: seconds per step, BM25 (no encoder)
     c.data.template = "think"
     c.data.synthetic.num_people = 20
