@@ -40,7 +40,9 @@ Context sweep: decode-step time of the engine alone at batch 1 and 32 with every
 Writes bench/results/rollout_scale.json (`results`: one row per (model, batch) with model, batch,
 native_tok_s, jetstream_tok_s, torch_tok_s, native_over_torch, decode_step_ms, roofline_step_ms,
 decode_over_roofline; `contexts`: the sweep), bench/results/rollout_scale.md and
-docs/rollout_scale.png. Results are kept per model as they finish (`--reuse` skips done models).
+docs/rollout_scale.png. Results are kept per model as they finish (`--reuse` skips done models
+and runs only the batches a done model lacks: `--models smollm2 --batches 64 --contexts ''
+--reuse`).
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ def context_sweep(config, params, tok, contexts, batches, bw, peak, steps=16) ->
   return rows
 
 
-def bench_model(name: str, args, work: str, world, retriever, bw: float, peak: float) -> dict:
+def bench_model(name: str, args, work: str, world, retriever, bw: float, peak: float,
+                batches: list[int] | None = None, contexts: list[int] | None = None) -> dict:
   import torch
   import transformers
   folder, tok = build_model(name, work)
@@ -263,7 +266,7 @@ def bench_model(name: str, args, work: str, world, retriever, bw: float, peak: f
   never = config.vocab_size
   engine_tok = NoStops(tok, never)
   out_rows = []
-  for b in args.model_batch_list.get(name, args.batch_list):
+  for b in batches if batches is not None else wanted_batches(args, name):
     records = world["test_records"][:b]
     engine = StepSearchEngine(config, params, engine_tok, num_slots=b, cache_len=2048 + 128,
                               max_prefill_length=2048, stop_strings=(), eos_ids=[never],
@@ -326,9 +329,14 @@ def bench_model(name: str, args, work: str, world, retriever, bw: float, peak: f
     out_rows.append(row)
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("all_runs")}), flush=True)
     engine = None   # free the cache before the next batch
-  sweep = context_sweep(config, params, tok, args.context_list, (1, 32), bw, peak) if args.context_list else []
+  contexts = args.context_list if contexts is None else contexts
+  sweep = context_sweep(config, params, tok, contexts, (1, 32), bw, peak) if contexts else []
   return {"model": name, "params": n_params, "weight_bytes": weight_bytes(config, params),
           "kv_bytes_per_token": kv_bytes_per_token(config), "rows": out_rows, "contexts": sweep}
+
+
+def wanted_batches(args, name: str) -> list[int]:
+  return args.model_batch_list.get(name, args.batch_list)
 
 
 def _num(x) -> str:
@@ -346,7 +354,9 @@ def markdown(report: dict) -> str:
            "decode step ms | bandwidth roofline ms | compute bound ms | roofline / step | "
            "max(bounds) / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
-    lines.append(f"| {r['model']} | {r['batch']} | {r['native_tok_s']:.0f} | "
+    later = (f" (later run: {r['bandwidth_gb_s']:.1f} GB/s, load {r['load_average_1m']:.1f})"
+             if r.get("added_by_later_run") else "")
+    lines.append(f"| {r['model']} | {r['batch']}{later} | {r['native_tok_s']:.0f} | "
                  f"{_num(r['jetstream_tok_s'])} | {r['torch_tok_s']:.0f} | "
                  f"{r['native_over_torch']:.2f}x | {r['decode_step_ms']:.1f} | "
                  f"{r['roofline_step_ms']:.1f} | {r['compute_step_ms']:.1f} | "
@@ -446,6 +456,16 @@ def main() -> None:
         done[name] = bench_model(name, args, work, world, retriever, bw, peak)
         done[name].update(bandwidth_gb_s=bw, peak_matmul_gflop_s=peak / 1e9,
                           load_average_1m=os.getloadavg()[0])
+      else:   # --reuse: add only the batches this model lacks; they keep this run's figures
+        have = {r["batch"] for r in done[name]["rows"]}
+        missing = [b for b in wanted_batches(args, name) if b not in have]
+        if missing:
+          extra = bench_model(name, args, work, world, retriever, bw, peak, batches=missing,
+                              contexts=[])["rows"]
+          for r in extra:
+            r.update(bandwidth_gb_s=bw, peak_matmul_gflop_s=peak / 1e9,
+                     load_average_1m=os.getloadavg()[0], added_by_later_run=True)
+          done[name]["rows"] = sorted(done[name]["rows"] + extra, key=lambda r: r["batch"])
       report = {"benchmark": "rollout_scale", "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
                 "bandwidth_gb_s": bw, "peak_matmul_gflop_s": peak / 1e9, "turn_tokens": args.turn_tokens, "dtype": "float32",
