@@ -12,6 +12,8 @@ demo's. Steps are few and short: this config measures seconds per step by phase 
 on the world's demonstrations rendered in SmolLM2-135M-Instruct's own chat template (so the model
 writes the tags; half the hops flawed, as in the demo), held-out EM before RL, 8 StePPO steps of
 8 trajectories, held-out EM after; every phase's seconds are in results.json / metrics.jsonl.
+Measured once on a 2-core CPU (README, bench/results/smollm2_learn): 66 min, held-out EM 0 -> 0;
+this budget is too small to move the warm start's greedy choice.
     python -m stepsearch_jax.train --config configs/smollm2_synthetic.py:learn --workdir runs/smollm2
 """
 
