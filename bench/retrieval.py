@@ -130,10 +130,11 @@ def start_search_r1(path: str, python: str, index_dir: str, corpus: str, encoder
                                                           "retrieval_server.py")
   if not os.path.isfile(server):
     raise SystemExit(f"--search_r1: no retrieval_server.py at {server}")
-  url = f"http://127.0.0.1:{portpicker.pick_unused_port()}"
+  port = portpicker.pick_unused_port()
+  url = f"http://127.0.0.1:{port}"
   # retriever_name "minilm": no e5/bge query prefix, mean pooling and normalisation, as ours
   cmd = [python, os.path.join(ROOT, "bench", "search_r1_cpu.py"), server,
-         "--port", url.rsplit(":", 1)[1], "--index_path", os.path.join(index_dir, "index.faiss"),
+         "--port", str(port), "--index_path", os.path.join(index_dir, "index.faiss"),
          "--corpus_path", corpus, "--topk", str(TOPK), "--retriever_name", "minilm",
          "--retriever_model", encoder, *(["--fp32"] if fp32 else [])]
   body = {"queries": ["warm up"], "topk": TOPK, "return_scores": True}

@@ -194,8 +194,7 @@ def plot(runs: list[dict], hops: int, out_png: str, task: str) -> None:
   plt.close(fig)
 
 
-def write_outputs(out_dir: str, root: str, command: str,
-                  config: str = "configs/demo.py:credit") -> dict:
+def write_outputs(out_dir: str, root: str, command: str, config: str) -> dict:
   runs, bases = collect(root)
   summary = summarise(runs)
   out = {"command": command, "task": f"{config}H", "warm_start": bases,

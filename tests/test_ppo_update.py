@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ppo_tiny import TINY, per_trajectory, random_trajectories, tiny_cfg, tiny_params
@@ -77,24 +76,16 @@ def test_gradient_accumulation_equals_full_batch(setup):
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                          s_a["policy"], jax.device_get(setup[0])))
   assert max(changed) > 1e-4  # the update did move the weights
-  # The accumulated gradients (Adam's first moment after one step) agree to float rounding.
-  for key in ("policy_opt", "critic_opt"):
-    for mu_a, mu_b in zip(_adam_mu(s_a[key]), _adam_mu(s_b[key])):
-      np.testing.assert_allclose(mu_a, mu_b, rtol=1e-4, atol=1e-5 * float(np.abs(mu_b).max()))
+  # Optimizer states (Adam's moments of the accumulated gradients) and step agree as before.
+  weights = ("policy", "critic")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               {k: v for k, v in s_a.items() if k not in weights},
+               {k: v for k, v in s_b.items() if k not in weights})
   # The weights agree to 2% of one Adam step (lr): the first step is lr*g/(|g|+eps), so an element
   # whose gradient is near eps turns summation-order rounding, which XLA:CPU's threading varies from
-  # run to run, into a visible fraction of lr. A tighter absolute bound here was flaky in CI.
-  for key in ("policy", "critic"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * LR), s_a[key],
-                 s_b[key])
-
-
-def _adam_mu(opt_state):
-  """Adam's first-moment leaves in an optax chain state."""
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
-  assert states, "no Adam state found"
-  return [leaf for s in states for leaf in jax.tree.leaves(s.mu)]
+  # run to run, into a visible fraction of lr. A 1e-6 bound here failed CI (6e-6 on one weight).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * LR),
+               {k: s_a[k] for k in weights}, {k: s_b[k] for k in weights})
 
 
 def test_two_minibatches_and_grpo_without_critic(setup):

@@ -31,7 +31,8 @@ def test_grid_summary_intervals_tables_and_plots(tmp_path):
   base.mkdir(parents=True)
   (base / "results.json").write_text(json.dumps({"em_before": 0.1, "f1_before": 0.15,
                                                  "searches_before": 2.0}))
-  out = rl_compare.write_outputs(str(tmp_path), str(root), "bench/rl_compare.py --hops 4")
+  out = rl_compare.write_outputs(str(tmp_path), str(root), "bench/rl_compare.py --hops 4",
+                                 "configs/demo.py:credit")
   assert len(out["runs"]) == 7 and {r["hops"] for r in out["runs"]} == {2, 4}
   row = next(r for r in out["summary"] if r["hops"] == 4 and r["algo"] == "steppo")
   # mean 0.55, sd 0.05, t(0.975, 2) = 4.303: half-width 4.303 * 0.05 / sqrt(3)
@@ -49,3 +50,4 @@ def test_grid_summary_intervals_tables_and_plots(tmp_path):
   saved = json.loads((tmp_path / "rl_compare.json").read_text())
   assert saved["runs"][0].keys() >= {"algo", "hops", "seed", "em_after", "f1_after", "wall_s"}
   assert np.isfinite(saved["summary"][0]["em_mean"])
+  assert saved["task"] == "configs/demo.py:creditH"     # the task it ran is named
