@@ -32,10 +32,10 @@ TOKENS_PER_CALL = 2048
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
-  """Persist compiled encoder programs across processes (server restarts, test runs).
-
-  Entry points call this; a library import does not change global JAX config. An explicit
-  $JAX_COMPILATION_CACHE_DIR wins.
+  """Persist compiled programs across processes (server restarts, resumed or repeated training
+  runs, test runs): the retrieval entry points and, through `config.compile_cache_dir`, the
+  trainer's. Entry points call this; a library import does not change global JAX config. An
+  explicit $JAX_COMPILATION_CACHE_DIR wins.
   """
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return

@@ -65,6 +65,10 @@ def load(optional: bool = False):
   if cfg is None:
     sys.exit("FATAL --config is required, e.g. --config configs/demo.py:smoke")
   try:
-    return config_lib.validate(cfg)
+    cfg = config_lib.validate(cfg)
   except ValueError as e:
     sys.exit(f"FATAL config error: {e}")
+  if cfg.compile_cache_dir != "none":
+    from retrieval.encoder import enable_compilation_cache   # the one home of the cache settings
+    enable_compilation_cache(cfg.compile_cache_dir or None)
+  return cfg

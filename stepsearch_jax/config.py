@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.preempt_deadline_s = 25.0       # SIGTERM (spot/preemptible VMs): save and exit within this
   c.eval_before_train = False
   c.curves_png = True               # plot metrics.jsonl into DIR/curves.png at the end
+  # JAX's persistent compilation cache: a restarted or resumed run, the next run of a study grid
+  # and every host of a pod reuse compiled programs. "" = ~/.cache/stepsearch_jax/jax, "none" = off
+  # (an explicit $JAX_COMPILATION_CACHE_DIR wins); a gs:// path is shared by all hosts.
+  c.compile_cache_dir = ""
 
   # Policy / critic models. Either a Hugging Face folder (hf_path) or a random init from `init`.
   c.model = ml_collections.ConfigDict()

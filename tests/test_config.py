@@ -53,3 +53,21 @@ def test_validate_sft_flaws():
   c.sft.flaws = "early,sloppy"
   with pytest.raises(ValueError, match="sft.flaws"):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("value", ["CACHE", "none"])
+def test_compile_cache_dir_is_applied_by_the_entry_points(tmp_path, value):
+  """`config.compile_cache_dir` reaches JAX's persistent cache (on by default, "none" = off)."""
+  want = str(tmp_path / "cache") if value == "CACHE" else "none"
+  code = ("import sys, jax\n"
+          "from absl import flags\n"
+          "from stepsearch_jax import cli\n"
+          "flags.FLAGS(sys.argv)\n"
+          "cli.load()\n"
+          "print('CACHE_DIR', jax.config.jax_compilation_cache_dir)\n")
+  r = subprocess.run([sys.executable, "-c", code, "--config", "configs/demo.py:smoke",
+                      f"--config.compile_cache_dir={want}"], capture_output=True, text=True,
+                     timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  line = next(x for x in r.stdout.splitlines() if x.startswith("CACHE_DIR"))
+  assert line == f"CACHE_DIR {want if value == 'CACHE' else None}"
