@@ -81,6 +81,15 @@ def test_pack_row_count_steps_by_half_powers_of_two():
                               shards=4).tokens.shape == (1, 8, 32)
 
 
+def test_pack_rows_are_never_longer_than_the_padded_row():
+  """594 tokens (94 + 500): padded rows are 128 + 512 = 640 long, so packed rows are too (not 1024:
+  attention grows with the square of the row)."""
+  trajs = [Traj([1] * 94, [2] * 500, [1] * 500, "long"), Traj([1] * 20, [2] * 100, [1] * 100, "s")]
+  rewards = [np.zeros(len(t.response_ids), np.float32) for t in trajs]
+  assert batch_lib.make_batch(trajs, rewards).tokens.shape == (2, 640)
+  assert batch_lib.pack_batch(trajs, rewards, mini=2, micro=2).tokens.shape == (1, 2, 640)
+
+
 @pytest.mark.parametrize("algo,layout", [("steppo", "mixed"), ("grpo", "mixed"),
                                          ("steppo", "three_rows")])
 def test_packed_step_equals_padded_step(algo, layout):

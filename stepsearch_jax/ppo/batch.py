@@ -194,7 +194,7 @@ def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
 
   Mini-batch j is trajectories [j * mini, (j + 1) * mini), as in the padded batch; its
   trajectories go first-fit (longest first) into rows of `row_len` columns (default: the bucket
-  of the longest trajectory) and fill the same k = mini // micro micro-batches as padded, with
+  of the longest trajectory, or the padded row's length where that is shorter) and fill the same k = mini // micro micro-batches as padded, with
   m <= micro rows each (the `row_count` step, multiple of `shards`, that holds the fullest
   mini-batch), so the update slices mini-batch j exactly as before.
   """
@@ -204,7 +204,13 @@ def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
     raise ValueError(f"{B} trajectories, config.algo.mini_batch={mini} and micro_batch={micro} "
                      f"do not divide evenly")
   lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-  T = row_len or bucket_length(max(lengths))
+  # Rows no longer than the padded layout's (prompt bucket + response bucket): a longest
+  # trajectory of 594 tokens padded as 128 + 512 but packed into rows of 1024 made attention,
+  # quadratic in the row length, cost more than packing saved (0.90x the padded pass, 20M model,
+  # bench/results/packing_wide).
+  T = row_len or min(bucket_length(max(lengths)),
+                     bucket_length(max(len(t.prompt_ids) for t in trajectories))
+                     + bucket_length(max(max(len(t.response_ids) for t in trajectories), 1)))
   if max(lengths) > T:
     worst = int(np.argmax(lengths))
     raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) has "
