@@ -145,6 +145,12 @@ def summarise(runs: list[dict]) -> list[dict]:
                    "searches": float(np.mean([r["searches_after"] or 0 for r in rs])),
                    "train_answer_f1_mean": float(np.mean(train_f1)),
                    "wall_s_mean": float(np.mean([r["wall_s"] for r in rs]))})
+      # Same seed = same warm start, question order and first sampling key: StePPO minus this
+      # method per seed is the paired comparison (a tighter interval than two independent ones)
+      ref = {r["seed"]: r["em_after"] for r in runs if r["hops"] == hops and r["algo"] == "steppo"}
+      diffs = [ref[r["seed"]] - r["em_after"] for r in rs if r["seed"] in ref]
+      if algo != "steppo" and diffs:
+        rows[-1]["steppo_minus_em"], rows[-1]["steppo_minus_em_ci95"] = interval95(diffs)
   return rows
 
 
@@ -154,15 +160,18 @@ def _pm(mean: float, half: float | None) -> str:
 
 def markdown(summary: list[dict], bases: list[dict]) -> str:
   lines = ["| hops | method | seeds | held-out EM (mean ± 95% CI) | held-out F1 (mean ± 95% CI) | "
+           "StePPO EM minus this, paired by seed (mean ± 95% CI) | "
            "searches/q | train answer F1 (mean over steps) | wall s/run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
   for b in sorted(bases, key=lambda b: b["hops"]):
-    lines.append(f"| {b['hops']} | warm start (no RL) | | {b['em']:.3f} | {b['f1']:.3f} | "
+    lines.append(f"| {b['hops']} | warm start (no RL) | | {b['em']:.3f} | {b['f1']:.3f} | | "
                  f"{b['searches'] or 0:.2f} | | |")
     for r in (r for r in summary if r["hops"] == b["hops"]):
+      paired = (_pm(r["steppo_minus_em"], r["steppo_minus_em_ci95"])
+                if "steppo_minus_em" in r else "")
       lines.append(f"| {r['hops']} | {r['algo']} | {len(r['seeds'])} | "
                    f"{_pm(r['em_mean'], r['em_ci95'])} | {_pm(r['f1_mean'], r['f1_ci95'])} | "
-                   f"{r['searches']:.2f} | {r['train_answer_f1_mean']:.3f} | "
+                   f"{paired} | {r['searches']:.2f} | {r['train_answer_f1_mean']:.3f} | "
                    f"{r['wall_s_mean']:.0f} |")
   return "\n".join(lines)
 

@@ -44,6 +44,11 @@ def test_grid_summary_intervals_tables_and_plots(tmp_path):
   md = (tmp_path / "rl_compare.md").read_text()
   assert "| 4 | warm start (no RL) | | 0.100 | 0.150 |" in md
   assert "| 4 | steppo | 3 | 0.550 ± 0.124 |" in md
+  # StePPO minus PPO, paired by seed: 0.3 at every seed
+  ppo = next(r for r in out["summary"] if r["hops"] == 4 and r["algo"] == "ppo")
+  assert ppo["steppo_minus_em"] == pytest.approx(0.3) and ppo["steppo_minus_em_ci95"] < 1e-9
+  assert "steppo_minus_em" not in row
+  assert "| 4 | ppo | 3 | 0.250 ± 0.124 | 0.300 ± 0.124 | 0.300 ± 0.000 |" in md
   for hops in (2, 4):
     png = tmp_path / f"rl_compare_h{hops}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
