@@ -97,6 +97,17 @@ def row_count(n: int) -> int:
   return m
 
 
+def _padded_lengths(trajectories, prompt_len=None, response_len=None, prompt_buckets=None,
+                    response_buckets=None):
+  """(longest prompt, longest response, P, R) of the padded layout: P / R as given, else the
+  bucket of the longest prompt / response."""
+  max_p = max(len(t.prompt_ids) for t in trajectories)
+  max_r = max(max(len(t.response_ids) for t in trajectories), 1)
+  P = prompt_len if prompt_len is not None else bucket_length(max_p, prompt_buckets)
+  R = response_len if response_len is not None else bucket_length(max_r, response_buckets)
+  return max_p, max_r, P, R
+
+
 def _group_ids_from_prompts(prompts: Sequence[Sequence[int]]) -> np.ndarray:
   seen: dict[tuple, int] = {}
   return np.asarray([seen.setdefault(tuple(p), len(seen)) for p in prompts], np.int32)
@@ -170,10 +181,8 @@ def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
     group_ids: explicit GRPO groups; default = rows with identical prompt_ids share a group.
   """
   gids = _check(trajectories, token_rewards, group_ids)
-  max_p = max(len(t.prompt_ids) for t in trajectories)
-  max_r = max(max(len(t.response_ids) for t in trajectories), 1)
-  P = prompt_len if prompt_len is not None else bucket_length(max_p, prompt_buckets)
-  R = response_len if response_len is not None else bucket_length(max_r, response_buckets)
+  max_p, max_r, P, R = _padded_lengths(trajectories, prompt_len, response_len, prompt_buckets,
+                                       response_buckets)
   if max_p > P or max_r > R:
     worst = max(range(len(trajectories)), key=lambda i: (len(trajectories[i].prompt_ids) > P,
                                                         len(trajectories[i].response_ids) > R))
@@ -194,9 +203,10 @@ def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
 
   Mini-batch j is trajectories [j * mini, (j + 1) * mini), as in the padded batch; its
   trajectories go first-fit (longest first) into rows of `row_len` columns (default: the bucket
-  of the longest trajectory, or the padded row's length where that is shorter) and fill the same k = mini // micro micro-batches as padded, with
-  m <= micro rows each (the `row_count` step, multiple of `shards`, that holds the fullest
-  mini-batch), so the update slices mini-batch j exactly as before.
+  of the longest trajectory, or the padded row's length where that is shorter) and fill the same
+  k = mini // micro micro-batches as padded, with m <= micro rows each (the `row_count` step,
+  multiple of `shards`, that holds the fullest mini-batch), so the update slices mini-batch j
+  exactly as before.
   """
   gids = _check(trajectories, token_rewards, group_ids)
   B = len(trajectories)
@@ -208,9 +218,7 @@ def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
   # trajectory of 594 tokens padded as 128 + 512 but packed into rows of 1024 made attention,
   # quadratic in the row length, cost more than packing saved (0.90x the padded pass, 20M model,
   # bench/results/packing_wide).
-  T = row_len or min(bucket_length(max(lengths)),
-                     bucket_length(max(len(t.prompt_ids) for t in trajectories))
-                     + bucket_length(max(max(len(t.response_ids) for t in trajectories), 1)))
+  T = row_len or min(bucket_length(max(lengths)), sum(_padded_lengths(trajectories)[2:]))
   if max(lengths) > T:
     worst = int(np.argmax(lengths))
     raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) has "
