@@ -135,6 +135,9 @@ def collect(root: str) -> tuple[list[dict], list[dict]]:
 def summarise(runs: list[dict]) -> list[dict]:
   rows = []
   for hops in sorted({r["hops"] for r in runs}):
+    # Same seed = same warm start, question order and first sampling key: StePPO minus a method
+    # per seed is the paired comparison (a tighter interval than two independent ones)
+    ref = {r["seed"]: r["em_after"] for r in runs if r["hops"] == hops and r["algo"] == "steppo"}
     for algo in dict.fromkeys(r["algo"] for r in runs if r["hops"] == hops):
       rs = [r for r in runs if r["hops"] == hops and r["algo"] == algo]
       em, em_h = interval95([r["em_after"] for r in rs])
@@ -145,9 +148,6 @@ def summarise(runs: list[dict]) -> list[dict]:
                    "searches": float(np.mean([r["searches_after"] or 0 for r in rs])),
                    "train_answer_f1_mean": float(np.mean(train_f1)),
                    "wall_s_mean": float(np.mean([r["wall_s"] for r in rs]))})
-      # Same seed = same warm start, question order and first sampling key: StePPO minus this
-      # method per seed is the paired comparison (a tighter interval than two independent ones)
-      ref = {r["seed"]: r["em_after"] for r in runs if r["hops"] == hops and r["algo"] == "steppo"}
       diffs = [ref[r["seed"]] - r["em_after"] for r in rs if r["seed"] in ref]
       if algo != "steppo" and diffs:
         rows[-1]["steppo_minus_em"], rows[-1]["steppo_minus_em_ci95"] = interval95(diffs)
