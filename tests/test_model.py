@@ -88,6 +88,54 @@ def test_left_and_right_padding_match_transformers(pair):
   assert np.isfinite(ours).all()
 
 
+
+def test_chunked_attention_long_rows_match_transformers(pair):
+  """Rows of 256 tokens go through `_causal_attention` in 4 query chunks: left and right padding
+  still equal transformers' logits, chunk boundaries included."""
+  from stepsearch_jax.models import decoder
+  _, model, config, params, _ = pair
+  assert decoder._chunk_count(256) == 4
+  tokens = np.random.RandomState(2).randint(1, 128, size=(2, 256)).astype(np.int32)
+  mask = np.ones((2, 256), np.int32)
+  mask[0, :70] = 0      # left padding across the first chunk boundary
+  mask[1, 190:] = 0     # right padding
+  positions = np.asarray(models.default_positions(jnp.asarray(mask)))
+  ours = np.asarray(models.apply_lm(config, params, jnp.asarray(tokens), jnp.asarray(mask)))
+  ref = _torch_logits(model, tokens, mask, positions)
+  np.testing.assert_allclose(ours[mask.astype(bool)], ref[mask.astype(bool)], atol=2e-4, rtol=0)
+
+
+def test_chunked_attention_equals_one_block_with_segments():
+  """Packed segment ids: the chunked causal attention and one dense block agree in value and
+  gradient at every real query (the skipped blocks are exactly the masked ones). Queries with no
+  visible key (left padding) average whatever keys their block holds: unread either way."""
+  from stepsearch_jax.models import decoder
+  rng = np.random.RandomState(3)
+  b, t, kh, g, d = 2, 320, 2, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((b, t, kh, g, d), (b, t, kh, d), (b, t, kh, d)))
+  seg = np.zeros((b, t), np.int32)
+  seg[0, :100], seg[0, 100:250], seg[0, 250:300] = 1, 2, 3    # packed row, padded tail
+  seg[1, 40:] = 1                                              # left-padded row
+  seg = jnp.asarray(seg)
+  assert decoder._chunk_count(t) == 5
+
+  def run(chunks):
+    old = decoder.QUERY_CHUNKS
+    decoder.QUERY_CHUNKS = chunks
+    try:
+      real = (seg > 0)[:, :, None, None, None]
+      f = lambda q, k, v: jnp.where(real, decoder._causal_attention(q, k, v, seg, 0.3) ** 2,  # noqa: E731
+                                    0.0).sum()
+      return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+    finally:
+      decoder.QUERY_CHUNKS = old
+
+  (dense, dense_g), (chunked, chunked_g) = run(1), run(16)
+  np.testing.assert_allclose(chunked, dense, rtol=1e-5)
+  for a, c in zip(dense_g, chunked_g):
+    np.testing.assert_allclose(c, a, atol=1e-4, rtol=1e-4)
+
 def _greedy(config, params, prompts, steps, bucket=16, max_len=64):
   """Prefill a padded bucket (rows of different lengths), then T=1 decode steps."""
   b = len(prompts)
