@@ -88,7 +88,6 @@ def test_left_and_right_padding_match_transformers(pair):
   assert np.isfinite(ours).all()
 
 
-
 def test_chunked_attention_long_rows_match_transformers(pair):
   """Rows of 256 tokens go through `_causal_attention` in 4 query chunks: left and right padding
   still equal transformers' logits, chunk boundaries included."""
@@ -105,7 +104,7 @@ def test_chunked_attention_long_rows_match_transformers(pair):
   np.testing.assert_allclose(ours[mask.astype(bool)], ref[mask.astype(bool)], atol=2e-4, rtol=0)
 
 
-def test_chunked_attention_equals_one_block_with_segments():
+def test_chunked_attention_equals_one_block_with_segments(monkeypatch):
   """Packed segment ids: the chunked causal attention and one dense block agree in value and
   gradient at every real query (the skipped blocks are exactly the masked ones). Queries with no
   visible key (left padding) average whatever keys their block holds: unread either way."""
@@ -120,21 +119,19 @@ def test_chunked_attention_equals_one_block_with_segments():
   seg = jnp.asarray(seg)
   assert decoder._chunk_count(t) == 5
 
+  real = (seg > 0)[:, :, None, None, None]
+
   def run(chunks):
-    old = decoder.QUERY_CHUNKS
-    decoder.QUERY_CHUNKS = chunks
-    try:
-      real = (seg > 0)[:, :, None, None, None]
-      f = lambda q, k, v: jnp.where(real, decoder._causal_attention(q, k, v, seg, 0.3) ** 2,  # noqa: E731
-                                    0.0).sum()
-      return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
-    finally:
-      decoder.QUERY_CHUNKS = old
+    monkeypatch.setattr(decoder, "QUERY_CHUNKS", chunks)
+    f = lambda q, k, v: jnp.where(real, decoder._causal_attention(q, k, v, seg, 0.3) ** 2,  # noqa: E731
+                                  0.0).sum()
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
 
   (dense, dense_g), (chunked, chunked_g) = run(1), run(16)
   np.testing.assert_allclose(chunked, dense, rtol=1e-5)
   for a, c in zip(dense_g, chunked_g):
     np.testing.assert_allclose(c, a, atol=1e-4, rtol=1e-4)
+
 
 def _greedy(config, params, prompts, steps, bucket=16, max_len=64):
   """Prefill a padded bucket (rows of different lengths), then T=1 decode steps."""

@@ -142,9 +142,9 @@ def _attend_with_shared(q, keys, values, q_idx, shared_k, shared_v, scale):
   return out
 
 
-# Query chunks per row in `_causal_attention` (1 = one dense block). Measured on XLA:CPU (demo
-# model, policy log-prob + gradient): 16 rows x 640 tokens 4.73 s dense -> 3.40-3.54 s at 10
-# chunks; 4 x 2048 15.6 s -> 5.7 s at 16 chunks (smaller score blocks also stay in cache).
+# Query chunks per row in `_causal_attention` (1 = one dense block). bench/attention.py measures
+# them against one dense block (bench/results/attention.md: 1.2-2.7x on the log-prob + gradient
+# pass on XLA:CPU, more at longer rows, where smaller score blocks also stay in cache).
 QUERY_CHUNKS = 16
 _MIN_CHUNK = 64
 
