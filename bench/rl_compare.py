@@ -4,7 +4,8 @@ and StePPO's ablations, across chain length on the synthetic world's `credit` ta
     .venv/bin/python bench/rl_compare.py --hops 2,3,4 --seeds 0,1,2,3,4 --algos steppo,ppo,grpo
     .venv/bin/python bench/rl_compare.py --hops 4 --seeds 0,1,2,3,4 \\
         --algos steppo-no-info-gain,steppo-no-redundancy,steppo-no-key
-    (add --reuse to keep finished runs; --out DIR, default bench/results)
+    (add --reuse to keep finished runs and resume unfinished ones from their last checkpoint;
+    --out DIR, default bench/results)
 
 For each hop count H the task is `configs/demo.py:creditH` (its docstring says why the step rewards
 should matter there). Every run of one H starts from the same warm-started policy, tokenizer,
@@ -83,27 +84,68 @@ def ensure_base(root: str, config: str, hops: int, common: list[str]) -> dict:
           "searches": res.get("searches_before")}
 
 
+def run_state(wd: str, reuse: bool) -> str:
+  """What to do with a run's workdir: "done" (reuse run.json), "resume" (an unfinished run that
+  saved a checkpoint: the training entry point resumes it, equal to an uninterrupted run, see
+  tests/test_fault_tolerance.py) or "fresh" (wipe and start from the warm start). Only --reuse
+  keeps anything."""
+  if not reuse:
+    return "fresh"
+  if os.path.exists(os.path.join(wd, "run.json")):
+    return "done"
+  ckpts = os.path.join(wd, "checkpoints")
+  if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
+    return "resume"
+  return "fresh"
+
+
+def timed_attempt(wd: str, run) -> float:
+  """Run `run(log_path)` as one more attempt at the run in `wd`; returns the wall time summed over
+  all attempts. A resumed run's own call times only its remainder, so every attempt is recorded in
+  wd/attempts.json when it starts; one that was killed is timed to its log's last write."""
+  path = os.path.join(wd, "attempts.json")
+  attempts = []
+  if os.path.exists(path):
+    with open(path) as f:
+      attempts = json.load(f)
+  for a in attempts:
+    if a.get("wall_s") is None:
+      log = os.path.join(wd, a["log"])
+      a["wall_s"] = (os.path.getmtime(log) - a["start"]) if os.path.exists(log) else 0.0
+  log = "train.log" if not attempts else f"train.{len(attempts)}.log"
+  attempts.append({"log": log, "start": time.time(), "wall_s": None})
+  with open(path, "w") as f:
+    json.dump(attempts, f)
+  attempts[-1]["wall_s"] = run(os.path.join(wd, log))
+  with open(path, "w") as f:
+    json.dump(attempts, f)
+  return sum(a["wall_s"] for a in attempts)
+
+
 def run_one(root: str, config: str, hops: int, algo: str, seed: int, args, common) -> dict:
   wd = os.path.join(root, f"h{hops}", f"{algo}_seed{seed}")
   done = os.path.join(wd, "run.json")
-  if args.reuse and os.path.exists(done):
+  state = run_state(wd, args.reuse)
+  if state == "done":
     print(f"== h{hops} {algo} seed {seed}: reusing {done}", flush=True)
     with open(done) as f:
       return json.load(f)
-  if os.path.exists(wd):
-    shutil.rmtree(wd)
-  os.makedirs(wd)
-  base = os.path.join(root, f"h{hops}", "base")
-  for name in SHARED:
-    shutil.copytree(os.path.join(base, name), os.path.join(wd, name))
+  if state == "fresh":
+    if os.path.exists(wd):
+      shutil.rmtree(wd)
+    os.makedirs(wd)
+    base = os.path.join(root, f"h{hops}", "base")
+    for name in SHARED:
+      shutil.copytree(os.path.join(base, name), os.path.join(wd, name))
   n = args.grpo_n if algo == "grpo" else 1
   # eval_every=steps: the one held-out evaluation after the last step (the base did the one before)
   over = common + ["--config.eval_before_train=False", f"--config.eval_every={args.steps}",
                    f"--config.algo.name={algo}", f"--config.seed={seed}",
-                   f"--config.total_steps={args.steps}", f"--config.save_every={args.steps}",
+                   f"--config.total_steps={args.steps}", f"--config.save_every={args.save_every}",
                    f"--config.rollout.n={n}", f"--config.data.batch_size={args.batch // n}"]
-  print(f"== h{hops} {algo} seed {seed}", flush=True)
-  wall = train(config, wd, over, os.path.join(wd, "train.log"))
+  print(f"== h{hops} {algo} seed {seed}" + (" (resuming its checkpoint)" if state == "resume"
+                                           else ""), flush=True)
+  wall = timed_attempt(wd, lambda log: train(config, wd, over, log))
   with open(os.path.join(wd, "results.json")) as f:
     res = json.load(f)
   rows = metrics.read_metrics(os.path.join(wd, "metrics.jsonl"))
@@ -226,6 +268,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=16)
   p.add_argument("--batch", type=int, default=32, help="trajectories per step (all algorithms)")
   p.add_argument("--grpo_n", type=int, default=4)
+  p.add_argument("--save_every", type=int, default=4,
+                 help="checkpoint every N steps, so a run cut short resumes there with --reuse")
   p.add_argument("--config", default="configs/demo.py:credit",
                  help="config prefix; the hop count is appended (configs/demo.py:credit3)")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))

@@ -4,6 +4,7 @@ benchmark run, not CI)."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -56,3 +57,30 @@ def test_grid_summary_intervals_tables_and_plots(tmp_path):
   assert saved["runs"][0].keys() >= {"algo", "hops", "seed", "em_after", "f1_after", "wall_s"}
   assert np.isfinite(saved["summary"][0]["em_mean"])
   assert saved["task"] == "configs/demo.py:creditH"     # the task it ran is named
+
+
+def test_unfinished_run_resumes_from_its_checkpoint_and_sums_its_wall_time(tmp_path):
+  """--reuse keeps a finished run, resumes one that saved a checkpoint (the training entry point
+  picks it up), and starts over one that saved none; the wall time counts every attempt,
+  a killed one up to its log's last write."""
+  wd = tmp_path / "steppo_seed0"
+  assert rl_compare.run_state(str(wd), reuse=True) == "fresh"
+  (wd / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)   # a save cut short
+  assert rl_compare.run_state(str(wd), reuse=True) == "fresh"
+  (wd / "checkpoints" / "4").mkdir()
+  assert rl_compare.run_state(str(wd), reuse=True) == "resume"
+  assert rl_compare.run_state(str(wd), reuse=False) == "fresh"
+  (wd / "run.json").write_text("{}")
+  assert rl_compare.run_state(str(wd), reuse=True) == "done"
+
+  # the first attempt was killed 30 s in: its start is on record, its log's mtime is its end
+  (wd / "train.log").write_text("killed")
+  start = os.path.getmtime(wd / "train.log") - 30.0
+  (wd / "attempts.json").write_text(json.dumps([{"log": "train.log", "start": start,
+                                                 "wall_s": None}]))
+  logs = []
+  total = rl_compare.timed_attempt(str(wd), lambda log: logs.append(log) or 12.0)
+  assert logs == [str(wd / "train.1.log")]          # the first attempt's log is kept
+  assert total == pytest.approx(42.0, abs=0.5)
+  saved = json.loads((wd / "attempts.json").read_text())
+  assert [a["log"] for a in saved] == ["train.log", "train.1.log"] and saved[1]["wall_s"] == 12.0
