@@ -108,11 +108,19 @@ def timed_attempt(wd: str, run) -> float:
   if os.path.exists(path):
     with open(path) as f:
       attempts = json.load(f)
+  if not attempts and os.path.exists(os.path.join(wd, "train.log")):
+    # an attempt that left no record (an older rl_compare): timed from the config it wrote first
+    # to its log's last write, and its log kept
+    os.replace(os.path.join(wd, "train.log"), os.path.join(wd, "train.0.log"))
+    attempts.append({"log": "train.0.log", "wall_s": None,
+                     "start": os.path.getmtime(os.path.join(wd, "config.json"))})
   for a in attempts:
     if a.get("wall_s") is None:
       log = os.path.join(wd, a["log"])
       a["wall_s"] = (os.path.getmtime(log) - a["start"]) if os.path.exists(log) else 0.0
   log = "train.log" if not attempts else f"train.{len(attempts)}.log"
+  if os.path.exists(os.path.join(wd, log)):
+    raise RuntimeError(f"{wd}: {log} exists but attempts.json does not list it")
   attempts.append({"log": log, "start": time.time(), "wall_s": None})
   with open(path, "w") as f:
     json.dump(attempts, f)

@@ -84,3 +84,16 @@ def test_unfinished_run_resumes_from_its_checkpoint_and_sums_its_wall_time(tmp_p
   assert total == pytest.approx(42.0, abs=0.5)
   saved = json.loads((wd / "attempts.json").read_text())
   assert [a["log"] for a in saved] == ["train.log", "train.1.log"] and saved[1]["wall_s"] == 12.0
+
+  # an attempt that left no attempts.json: timed from its config.json to its log's last write
+  old = tmp_path / "ppo_seed1"
+  old.mkdir()
+  (old / "config.json").write_text("{}")
+  (old / "train.log").write_text("killed")
+  begun = os.path.getmtime(old / "train.log") - 20.0
+  os.utime(old / "config.json", (begun, begun))
+  total = rl_compare.timed_attempt(str(old), lambda log: 5.0)
+  assert total == pytest.approx(25.0, abs=0.5)
+  assert (old / "train.0.log").read_text() == "killed"
+  assert [a["log"] for a in json.loads((old / "attempts.json").read_text())] == ["train.0.log",
+                                                                                "train.1.log"]
