@@ -11,7 +11,8 @@ Lengths: (prompt, response) token counts read from trajectories files that a tra
 (`--trajectories 'runs/x/trajectories/train_step_*.jsonl'`; `stepsearch_jax.report` reads the
 same files), sampled with replacement; the token ids are random (speed does not depend on them).
 
-  .venv/bin/python bench/packing.py --trajectories 'GLOB' [--models 20m,135m] [--batch 32]
+  .venv/bin/python bench/packing.py --trajectories 'GLOB' [--models demo,20m,135m] [--batch 32]
+      [--row_len N]    (force the packed rows' length; default: the packer's choice)
 Writes bench/results/packing.json and packing.md.
 """
 
@@ -29,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.attention import DEMO  # noqa: E402
 from bench.update import MODELS  # noqa: E402
 from stepsearch_jax.config import base_config  # noqa: E402
-from stepsearch_jax.models import init_params, init_value_params  # noqa: E402
+from stepsearch_jax.models import ModelConfig, init_params, init_value_params  # noqa: E402
 from stepsearch_jax.models.sharding import make_mesh  # noqa: E402
 from stepsearch_jax.ppo import make_learner  # noqa: E402
 
@@ -68,8 +70,9 @@ def trajectories(lengths, B: int, vocab: int, seed: int):
   return trajs, rewards
 
 
-def bench_model(name: str, lengths, B: int, mini: int, micro: int, repeats: int) -> dict:
-  mc = MODELS[name]
+def bench_model(name: str, lengths, B: int, mini: int, micro: int, repeats: int,
+                row_len: int | None = None) -> dict:
+  mc = ModelConfig(**DEMO) if name == "demo" else MODELS[name]
   policy = init_params(mc, jax.random.key(0))
   critic = init_value_params(mc, jax.random.key(1), policy)
   trajs, rewards = trajectories(lengths, B, mc.vocab_size, seed=0)
@@ -82,7 +85,8 @@ def bench_model(name: str, lengths, B: int, mini: int, micro: int, repeats: int)
     cfg.optim.actor_warmup = cfg.optim.critic_warmup = 0
     learners[pack] = make_learner(cfg, policy, critic, policy, make_mesh((1, -1, 1)),
                                   policy_config=mc)
-    hosts[pack] = learners[pack].make_batch(trajs, rewards)
+    hosts[pack] = learners[pack].make_batch(trajs, rewards, **({"row_len": row_len}
+                                                               if pack and row_len else {}))
 
   def one_pass(pack: bool) -> float:
     learner = learners[pack]
@@ -116,13 +120,16 @@ def main():
   ap.add_argument("--mini", type=int, default=16)
   ap.add_argument("--micro", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--row_len", type=int, default=None,
+                  help="packed row length (default: the packer's choice by models.decoder.row_cost)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = ap.parse_args()
   lengths = read_lengths(args.trajectories)
   totals = np.array([p + r for p, r in lengths])
   rows = []
   for m in args.models.split(","):
-    rows.append(bench_model(m, lengths, args.batch, args.mini, args.micro, args.repeats))
+    rows.append(bench_model(m, lengths, args.batch, args.mini, args.micro, args.repeats,
+                            args.row_len))
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("times_s")}), flush=True)
   out = dict(bench="ppo_packing", backend=jax.default_backend(), devices=len(jax.devices()),
              command=" ".join(["bench/packing.py", *sys.argv[1:]]),

@@ -81,13 +81,38 @@ def test_pack_row_count_steps_by_half_powers_of_two():
                               shards=4).tokens.shape == (1, 8, 32)
 
 
-def test_pack_rows_are_never_longer_than_the_padded_row():
-  """594 tokens (94 + 500): padded rows are 128 + 512 = 640 long, so packed rows are too (not 1024:
-  attention grows with the square of the row)."""
+def test_pack_row_length_is_the_cheapest_layout_by_row_cost():
+  """594 + 120 tokens: padded rows are 128 + 512 = 640 long. Without a cost the packed rows are too;
+  with one, the cheapest of rows of 640 (two rows) and of 1024 (one row, both trajectories) wins:
+  a cost linear in the row length takes 1024, one quadratic in it (attention-bound) keeps 640."""
   trajs = [Traj([1] * 94, [2] * 500, [1] * 500, "long"), Traj([1] * 20, [2] * 100, [1] * 100, "s")]
   rewards = [np.zeros(len(t.response_ids), np.float32) for t in trajs]
   assert batch_lib.make_batch(trajs, rewards).tokens.shape == (2, 640)
   assert batch_lib.pack_batch(trajs, rewards, mini=2, micro=2).tokens.shape == (1, 2, 640)
+  seen = []
+
+  def linear(t, r):
+    seen.append((t, r))
+    return t
+
+  packed = batch_lib.pack_batch(trajs, rewards, mini=2, micro=2, row_cost=linear)
+  assert packed.tokens.shape == (1, 1, 1024) and packed.padding_share < 0.31
+  assert seen == [(640, 512), (1024, 1024), (1536, 1024)]      # up to the bucket of 2 x 594
+  assert batch_lib.pack_batch(trajs, rewards, mini=2, micro=2,
+                              row_cost=lambda t, r: t * t).tokens.shape == (1, 2, 640)
+
+
+def test_row_cost_prefers_long_rows_for_wide_models_only():
+  """models.decoder.row_cost on the wide mix's layouts (16 rows of 640 vs 8 of 1024): the 20M
+  model packs into 1024 (measured faster there), the d=128 demo policy does not (measured slower)."""
+  from stepsearch_jax.models import ModelConfig
+  from stepsearch_jax.models.decoder import row_cost
+  demo = ModelConfig(model_type="qwen2", vocab_size=2048, hidden_size=128, intermediate_size=384,
+                     num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32)
+  wide = ModelConfig(model_type="qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1408,
+                     num_layers=6, num_heads=8, num_kv_heads=4, head_dim=64)
+  assert 16 * row_cost(demo, 640, 512) < 8 * row_cost(demo, 1024, 1024)
+  assert 16 * row_cost(wide, 640, 512) > 8 * row_cost(wide, 1024, 1024)
 
 
 @pytest.mark.parametrize("algo,layout", [("steppo", "mixed"), ("grpo", "mixed"),

@@ -158,6 +158,28 @@ def _chunk_count(t: int) -> int:
   return 1
 
 
+# One query-key pair of `_causal_attention` (its score and value multiply-adds over all heads,
+# softmax and masks included) against the same count of weight-matmul multiply-adds, in the
+# no-cache pass on XLA:CPU. Fitted to bench/packing.py's wide mix (bench/results/packing_wide):
+# rows of 1024 against rows of 640 won at the 20M model and lost at the demo policy (d=128).
+ATTENTION_PAIR_WEIGHT = 3.5
+
+
+def row_cost(cfg, t: int, r: int) -> float:
+  """Relative cost of the no-cache pass (log-probs, values and their gradients) over one row of t
+  tokens with r response slots: the weight matmuls of t tokens, the vocabulary projection of the
+  r slots read (models.api), and the query-key pairs `_causal_attention` computes (blocks above
+  the diagonal skipped), weighted by ATTENTION_PAIR_WEIGHT. The packer chooses its row length
+  with it (ppo/batch.pack_batch): longer rows pack tighter, but attention grows with their length."""
+  d, hd = cfg.hidden_size, cfg.head_dim
+  per_token = cfg.num_layers * (d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                                + 3 * d * cfg.intermediate_size)
+  n = _chunk_count(t)
+  pairs = (t // n) ** 2 * n * (n + 1) // 2
+  per_pair = 2 * cfg.num_layers * cfg.num_heads * hd
+  return float(t * per_token + r * d * cfg.vocab_size + ATTENTION_PAIR_WEIGHT * pairs * per_pair)
+
+
 def _causal_attention(qg, k, v, seg, scale):
   """Causal self-attention over a row's own tokens: qg [B, T, Hkv, G, Dh], k / v [B, T, Hkv, Dh],
   seg [B, T] segment ids (0 = padding; a 0/1 mask is one segment per row) or None.

@@ -31,7 +31,7 @@ recompiles the logprob pass and the update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -196,34 +196,10 @@ def make_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
   return b
 
 
-def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray], *, mini: int,
-               micro: int, shards: int = 1, pad_id: int = 0, row_len: int | None = None,
-               group_ids: Sequence[int] | None = None) -> PPOBatch:
-  """The packed host PPOBatch, stacked [N, m, ...] (see the module docstring).
-
-  Mini-batch j is trajectories [j * mini, (j + 1) * mini), as in the padded batch; its
-  trajectories go first-fit (longest first) into rows of `row_len` columns (default: the bucket
-  of the longest trajectory, or the padded row's length where that is shorter) and fill the same
-  k = mini // micro micro-batches as padded, with m <= micro rows each (the `row_count` step,
-  multiple of `shards`, that holds the fullest mini-batch), so the update slices mini-batch j
-  exactly as before.
-  """
-  gids = _check(trajectories, token_rewards, group_ids)
-  B = len(trajectories)
-  if B % mini or mini % micro:
-    raise ValueError(f"{B} trajectories, config.algo.mini_batch={mini} and micro_batch={micro} "
-                     f"do not divide evenly")
-  lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-  # Rows no longer than the padded layout's (prompt bucket + response bucket): a longest
-  # trajectory of 594 tokens padded as 128 + 512 but packed into rows of 1024 made attention,
-  # quadratic in the row length, cost more than packing saved (0.90x the padded pass, 20M model,
-  # bench/results/packing_wide).
-  T = row_len or min(bucket_length(max(lengths)), sum(_padded_lengths(trajectories)[2:]))
-  if max(lengths) > T:
-    worst = int(np.argmax(lengths))
-    raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) has "
-                     f"{lengths[worst]} tokens, more than row_len={T}")
-  minis = []                       # per mini-batch: rows, each a list of trajectory indices
+def _first_fit(lengths: Sequence[int], B: int, mini: int, T: int) -> list[list[list[int]]]:
+  """Per mini-batch j (trajectories [j * mini, (j + 1) * mini)): its rows of `T` columns, each a
+  list of trajectory indices, filled first-fit, longest first."""
+  minis = []
   for j in range(B // mini):
     rows: list[list[int]] = []
     free: list[int] = []
@@ -236,14 +212,66 @@ def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
       rows[row].append(k)
       free[row] -= lengths[k]
     minis.append([sorted(r) for r in rows])   # in-row order = step order (any order is valid)
-  k_micro = mini // micro
-  need = -(-max(len(rows) for rows in minis) // k_micro)     # rows per micro-batch
-  m = row_count(need)
-  shards = max(int(shards), 1)
-  m = -(-min(m, micro) // shards) * shards
-  per_mini = k_micro * m
+  return minis
+
+
+def _packed_layout(trajectories, lengths, mini: int, micro: int, shards: int, T: int):
+  """(minis, rows per micro-batch m, response slots R) of the packed layout with rows of T."""
+  minis = _first_fit(lengths, len(trajectories), mini, T)
+  need = -(-max(len(rows) for rows in minis) // (mini // micro))     # rows per micro-batch
+  m = -(-min(row_count(need), micro) // shards) * shards
   R = bucket_length(max(max(sum(len(trajectories[k].response_ids) for k in row), 1)
                         for rows in minis for row in rows))
+  return minis, m, R
+
+
+def pack_batch(trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray], *, mini: int,
+               micro: int, shards: int = 1, pad_id: int = 0, row_len: int | None = None,
+               group_ids: Sequence[int] | None = None,
+               row_cost: Callable[[int, int], float] | None = None) -> PPOBatch:
+  """The packed host PPOBatch, stacked [N, m, ...] (see the module docstring).
+
+  Mini-batch j is trajectories [j * mini, (j + 1) * mini), as in the padded batch; its
+  trajectories go first-fit (longest first) into rows of `row_len` columns and fill the same
+  k = mini // micro micro-batches as padded, with m <= micro rows each (the `row_count` step,
+  multiple of `shards`, that holds the fullest mini-batch), so the update slices mini-batch j
+  exactly as before.
+
+  Default row length: the padded row's (prompt bucket + response bucket) where that is shorter than
+  the bucket of the longest trajectory, else that bucket; with `row_cost(T, R)` (the relative cost
+  of a row of T tokens and R response slots, models.decoder.row_cost) the cheapest layout among
+  that length and the buckets up to twice the longest trajectory's. Longer rows hold more
+  trajectories, but attention grows with the row length: rows of 1024 for a longest trajectory
+  of 594 lost to the padded row of 640 at d=128 and won at the 20M model (bench/packing.py).
+  """
+  gids = _check(trajectories, token_rewards, group_ids)
+  B = len(trajectories)
+  if B % mini or mini % micro:
+    raise ValueError(f"{B} trajectories, config.algo.mini_batch={mini} and micro_batch={micro} "
+                     f"do not divide evenly")
+  lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+  shards = max(int(shards), 1)
+  longest = bucket_length(max(lengths))
+  if row_len:
+    candidates = [row_len]
+  else:
+    candidates = [min(longest, sum(_padded_lengths(trajectories)[2:]))]
+    if row_cost is not None:
+      t = longest
+      while t <= bucket_length(2 * max(lengths)):
+        candidates.append(t)
+        t = bucket_length(t + 1)
+  T = candidates[0]
+  if max(lengths) > T:
+    worst = int(np.argmax(lengths))
+    raise ValueError(f"trajectory {getattr(trajectories[worst], 'id', worst)!r} (row {worst}) has "
+                     f"{lengths[worst]} tokens, more than row_len={T}")
+  layouts = {t: _packed_layout(trajectories, lengths, mini, micro, shards, t)
+             for t in dict.fromkeys(candidates)}
+  if len(layouts) > 1:
+    T = min(layouts, key=lambda t: layouts[t][1] * row_cost(t, layouts[t][2]))
+  minis, m, R = layouts[T]
+  per_mini = (mini // micro) * m
   b = _empty(len(minis) * per_mini, T, R, pad_id)
   for j, rows in enumerate(minis):
     for i, row in enumerate(rows):

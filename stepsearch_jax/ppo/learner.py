@@ -7,6 +7,7 @@ reference params, and the three compiled functions (prepare, advantages, update)
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from stepsearch_jax.models.decoder import row_cost
 from stepsearch_jax.models.sharding import logical_sharding, param_shardings, put_global
 from stepsearch_jax.ppo import algorithms, batch as batch_lib
 from stepsearch_jax.ppo.logprobs import make_prepare_fn
@@ -113,12 +115,14 @@ class Learner:
   # ----------------------------------------------------------------------------------- public API
   def make_batch(self, trajectories: Sequence[Any], token_rewards: Sequence[np.ndarray],
                  pad_id: int = 0, **kwargs) -> batch_lib.PPOBatch:
-    """The step's host batch: packed (batch.pack_batch) when config.algo.pack, else padded
-    (batch.make_batch, which takes the extra layout kwargs). The rewards already hold only the
-    algorithm's terms."""
-    if self.pack and not kwargs.keys() - {"group_ids"}:
+    """The step's host batch: packed (batch.pack_batch, which takes row_len; its row length is
+    otherwise chosen by models.decoder.row_cost for this policy) when config.algo.pack, else
+    padded (batch.make_batch, which takes the extra layout kwargs). The rewards already hold only
+    the algorithm's terms."""
+    if self.pack and not kwargs.keys() - {"group_ids", "row_len"}:
       return batch_lib.pack_batch(trajectories, token_rewards, mini=self.mini, micro=self.micro,
-                                  shards=self.shards, pad_id=pad_id, **kwargs)
+                                  shards=self.shards, pad_id=pad_id, **kwargs,
+                                  row_cost=functools.partial(row_cost, self.policy_config))
     return batch_lib.make_batch(trajectories, token_rewards, pad_id=pad_id, **kwargs)
 
   def prepare(self, batch: batch_lib.PPOBatch) -> batch_lib.PPOBatch:
