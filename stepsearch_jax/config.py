@@ -118,7 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.decode_steps_per_call = 8
   c.rollout.max_decode_steps_per_call = 64
   c.rollout.share_prefix = True     # native driver: prompts prefilled together share their common prefix
-  c.rollout.prefill_buckets = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+  # Append widths in ~1.5x steps, not powers of two: a batch of tool results is padded to its
+  # longest, so a 139-token last turn went in at 256 (bench/rollout_scale.py, SmolLM2 b32: 38% of
+  # the prefilled columns were padding and the last turn's append took 25 of 64 s). Finer steps
+  # pad less but compile more append programs (one per rows x width x window met).
+  c.rollout.prefill_buckets = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
+                               3072, 4096)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.preset = "paper"
