@@ -354,8 +354,8 @@ def markdown(report: dict) -> str:
            "decode step ms | bandwidth roofline ms | compute bound ms | roofline / step | "
            "max(bounds) / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
-    later = (f" (later run: {r['bandwidth_gb_s']:.1f} GB/s, load {r['load_average_1m']:.1f})"
-             if r.get("added_by_later_run") else "")
+    later = (f" ({r.get('run_note', 'later run')}: {r['bandwidth_gb_s']:.1f} GB/s, "
+             f"load {r['load_average_1m']:.1f})" if "bandwidth_gb_s" in r else "")
     lines.append(f"| {r['model']} | {r['batch']}{later} | {r['native_tok_s']:.0f} | "
                  f"{_num(r['jetstream_tok_s'])} | {r['torch_tok_s']:.0f} | "
                  f"{r['native_over_torch']:.2f}x | {r['decode_step_ms']:.1f} | "
@@ -366,7 +366,8 @@ def markdown(report: dict) -> str:
               "compute bound ms | roofline / step | max(bounds) / step | tok/s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report["contexts"]:
-      lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['decode_step_ms']:.1f} | "
+      note = f" ({r['run_note']}: {r['bandwidth_gb_s']:.1f} GB/s)" if "run_note" in r else ""
+      lines.append(f"| {r['model']} | {r['context']}{note} | {r['batch']} | {r['decode_step_ms']:.1f} | "
                    f"{r['roofline_step_ms']:.1f} | {r['compute_step_ms']:.1f} | "
                    f"{r['decode_over_roofline']:.2f} | {r['decode_over_bound']:.2f} | "
                    f"{r['tokens_per_s']:.0f} |")
