@@ -354,8 +354,8 @@ def markdown(report: dict) -> str:
            "decode step ms | bandwidth roofline ms | compute bound ms | roofline / step | "
            "max(bounds) / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
-    later = (f" ({r.get('run_note', 'later run')}: {r['bandwidth_gb_s']:.1f} GB/s, "
-             f"load {r['load_average_1m']:.1f})" if "bandwidth_gb_s" in r else "")
+    later = (f" ({r['run_note']}: {r['bandwidth_gb_s']:.1f} GB/s, "
+             f"load {r['load_average_1m']:.1f})" if "run_note" in r else "")
     lines.append(f"| {r['model']} | {r['batch']}{later} | {r['native_tok_s']:.0f} | "
                  f"{_num(r['jetstream_tok_s'])} | {r['torch_tok_s']:.0f} | "
                  f"{r['native_over_torch']:.2f}x | {r['decode_step_ms']:.1f} | "
@@ -465,7 +465,7 @@ def main() -> None:
                               contexts=[])["rows"]
           for r in extra:
             r.update(bandwidth_gb_s=bw, peak_matmul_gflop_s=peak / 1e9,
-                     load_average_1m=os.getloadavg()[0], added_by_later_run=True)
+                     load_average_1m=os.getloadavg()[0], run_note="later run")
           done[name]["rows"] = sorted(done[name]["rows"] + extra, key=lambda r: r["batch"])
       report = {"benchmark": "rollout_scale", "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
