@@ -5,8 +5,10 @@ graph is the plain post-LayerNorm BERT encoder (MiniLM, e5-base-v2, bge, ...). C
 Search-R1's `retrieval_server.py:Encoder`: model-specific prefixes (`query: ` / `passage: ` for e5),
 mean pooling over the attention mask, L2 normalisation, max length 256.
 
-Shapes are padded to a small set of (batch, length) buckets so that jit compiles a handful of
-programs once and reuses them; padded rows are dropped before returning.
+Inputs are packed, not padded: several texts share a row of W tokens (segment ids keep their
+attention apart, positions restart per text), so the linear layers, which are nearly all of the
+FLOPs, run on real tokens. Row widths and rows per call come from a small set of sizes, so jit
+compiles a handful of programs once and reuses them.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import numpy as np
 from flax import nnx
 
 MAX_LENGTH = 256
-# Steps of ~1.5x: padding 11-token queries to 16 cost ~25% of a 128-query request's encode, and
-# 47-token passages padded to 64 left the index build ~10% behind sentence-transformers (which
-# pads each batch to its longest row); with 12 and 48 both sides run at parity or better.
-SEQ_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Row widths, ~1.5x steps. Padding each text to its own length bucket left ~1/3 of a 128-query
+# request's tokens as padding (8.1-token queries in 12-token rows); packed 32-token rows fill ~96%.
+ROW_WIDTHS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Tokens per forward call: the [rows, heads, W, W] scores stay small; one 128 x 128 call ran ~2x
+# slower than eight 16 x 128 calls on this CPU. Rows per call are powers of two, so few shapes
+# compile per width.
 TOKENS_PER_CALL = 2048
+# What one more forward call costs, in tokens: MiniLM on 2 CPU cores takes ~5 ms per call plus
+# ~0.15 ms per token. Packing weighs calls against padding with it.
+CALL_COST_TOKENS = 32
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -157,11 +163,17 @@ class BertModel(nnx.Module):
     self.layers = nnx.List([BertLayer(c, dtype, rngs) for _ in range(c.num_layers)])
     self.dtype = dtype
 
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    t = ids.shape[1]
-    x = self.word(ids) + self.position(jnp.arange(t))[None] + self.token_type(jnp.zeros_like(ids))
+  def __call__(self, ids: jax.Array, segments: jax.Array, positions: jax.Array | None = None
+               ) -> jax.Array:
+    """ids, segments, positions: [B, T]. segments > 0 numbers the texts packed in a row (0 is
+    padding); a token attends only within its text. A plain 0/1 attention mask is one text per
+    row, and then positions default to 0..T-1."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    x = self.word(ids) + self.position(positions) + self.token_type(jnp.zeros_like(ids))
     x = self.emb_ln(x).astype(self.dtype)
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    bias = jnp.where(same[:, None], 0.0, -1e9).astype(jnp.float32)
     for layer in self.layers:
       x = layer(x, bias)
     return x
@@ -216,11 +228,62 @@ def load_bert(path: str, dtype=jnp.float32) -> tuple[BertConfig, BertModel]:
   return cfg, model
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  return n
+def _row_widths_from(longest: int) -> list[int]:
+  """The width that fits the longest text and the three next ones (packing may fill a wider row
+  better)."""
+  fits = [w for w in ROW_WIDTHS if w >= longest] or [longest]
+  return fits[:4]
+
+
+def split_calls(rows: int, per_call: int, width: int) -> list[int]:
+  """Row counts of the forward calls for `rows` packed rows: full calls of per_call (a power of
+  two), then the remainder in powers of two, rounded up to the next one when the padding costs
+  less than another call."""
+  calls = [per_call] * (rows // per_call)
+  r = rows % per_call
+  while r:
+    p = 1 << (r.bit_length() - 1)
+    if p != r and (2 * p - r) * width <= CALL_COST_TOKENS:
+      p = 2 * p
+    calls.append(p)
+    r = max(0, r - p)
+  return calls
+
+
+def _slots(width: int) -> int:
+  """Texts one row may hold: the pooling weights are [rows, slots, width]."""
+  return max(4, width // 4)
+
+
+def plan(lengths: Sequence[int], max_rows: int) -> tuple[int, list[list[int]], list[int]]:
+  """(width, rows of text indices, rows per call) with the least estimated cost: tokens run
+  (padding included) plus CALL_COST_TOKENS per call."""
+  best = None
+  for width in _row_widths_from(max(lengths)):
+    rows = pack_rows(lengths, width, _slots(width))
+    per_call = 1 << (min(max(1, TOKENS_PER_CALL // width), max_rows).bit_length() - 1)
+    calls = split_calls(len(rows), per_call, width)
+    cost = sum(calls) * width + CALL_COST_TOKENS * len(calls)
+    if best is None or cost < best[0]:
+      best = (cost, width, rows, calls)
+  return best[1:]
+
+
+def pack_rows(lengths: Sequence[int], width: int, max_per_row: int) -> list[list[int]]:
+  """First-fit decreasing: text indices grouped into rows of at most `width` tokens and
+  `max_per_row` texts. Longest first, so a long text never waits for a row with room."""
+  rows: list[list[int]] = []
+  room: list[int] = []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for r, free in enumerate(room):
+      if lengths[i] <= free and len(rows[r]) < max_per_row:
+        rows[r].append(i)
+        room[r] -= lengths[i]
+        break
+    else:
+      rows.append([i])
+      room.append(width - lengths[i])
+  return rows
 
 
 def _load_tokenizer(path: str, max_length: int):
@@ -277,15 +340,13 @@ class Encoder:
     pooling, normalize = self.conventions.pooling, self.conventions.normalize
     pooler = load_pooler(self.path) if pooling == "pooler" else None
 
-    def forward(state, ids, mask):
-      h = nnx.merge(graphdef, state)(ids, mask).astype(jnp.float32)
-      if pooling == "cls":
-        e = h[:, 0]
-      elif pooling == "pooler":
-        e = jnp.tanh(h[:, 0] @ pooler[0] + pooler[1])
-      else:
-        m = mask[..., None].astype(jnp.float32)
-        e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+    def forward(state, ids, segments, positions, pool):
+      # pool [rows, S, W]: each text's pooling weights over its row (1/len on its tokens for mean
+      # pooling, 1 on its first token for cls / pooler), built on the host with the packing
+      h = nnx.merge(graphdef, state)(ids, segments, positions).astype(jnp.float32)
+      e = jnp.einsum("rsw,rwh->rsh", pool, h)
+      if pooling == "pooler":
+        e = jnp.tanh(e @ pooler[0] + pooler[1])
       if normalize:
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
       return e
@@ -296,29 +357,47 @@ class Encoder:
     return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
   def encode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-    """Encode pre-tokenised inputs; batches are length-sorted and padded to shape buckets."""
+    """Encode pre-tokenised inputs, packed into rows and calls as :func:`plan` chooses."""
     n = len(ids)
     out = np.zeros((n, self.dim), np.float32)
-    order = sorted(range(n), key=lambda i: len(ids[i]))
+    if not n:
+      return out
+    lengths = [min(len(x), self.max_length) for x in ids]
+    width, rows, calls = plan(lengths, self.max_batch)
     start = 0
-    while start < n:
-      # rows per call: at most max_batch and about TOKENS_PER_CALL tokens (the longest row's
-      # bucket), so the [B, heads, T, T] scores stay small; one 128 x 128 call ran ~2x slower
-      # than eight 16 x 128 calls on this CPU
-      t = min(_bucket(len(ids[order[min(start + self.max_batch, n) - 1]]), SEQ_BUCKETS),
-              self.max_length)
-      per_call = max(1, min(self.max_batch, TOKENS_PER_CALL // t))
-      rows = order[start:start + per_call]
-      start += len(rows)
-      t = min(_bucket(max(len(ids[i]) for i in rows), SEQ_BUCKETS), self.max_length)
-      b = _bucket(len(rows), BATCH_BUCKETS)
-      tok = np.zeros((b, t), np.int32)
-      mask = np.zeros((b, t), np.int32)
-      for j, i in enumerate(rows):
-        tok[j, :len(ids[i])] = ids[i]
-        mask[j, :len(ids[i])] = 1
-      out[rows] = np.asarray(self._forward(self._state, tok, mask))[:len(rows)]
+    for take in calls:
+      chunk = rows[start:start + take]
+      start += take
+      tok, seg, pos, pool, where = self._layout(ids, lengths, chunk, width, take)
+      e = np.asarray(self._forward(self._state, tok, seg, pos, pool))
+      for (r, s), i in where.items():
+        out[i] = e[r, s]
     return out
+
+  def _layout(self, ids, lengths, rows, width, b):
+    """Host arrays for one call of b rows (the last ones may be empty): token ids, segment ids,
+    positions, pooling weights, and (row, slot) -> text index."""
+    cls_pool = self.conventions.pooling in ("cls", "pooler")
+    slots = _slots(width)
+    tok = np.zeros((b, width), np.int32)
+    seg = np.zeros((b, width), np.int32)
+    pos = np.zeros((b, width), np.int32)
+    pool = np.zeros((b, slots, width), np.float32)
+    where = {}
+    for r, texts in enumerate(rows):
+      at = 0
+      for s, i in enumerate(texts):
+        k = lengths[i]
+        tok[r, at:at + k] = ids[i][:k]
+        seg[r, at:at + k] = s + 1
+        pos[r, at:at + k] = np.arange(k)
+        if cls_pool:
+          pool[r, s, at] = 1.0
+        else:
+          pool[r, s, at:at + k] = 1.0 / k
+        where[(r, s)] = i
+        at += k
+    return tok, seg, pos, pool, where
 
   def encode(self, texts: Sequence[str], kind: str = "query") -> np.ndarray:
     """kind='query' or 'passage' selects the model's prefix convention."""
@@ -327,10 +406,15 @@ class Encoder:
     return self.encode_ids(self.tokenize([prefix + t for t in texts]))
 
   def warmup(self, max_tokens: int = 32, max_batch: int = 64) -> None:
-    """Compile the common query-sized programs up front; rarer shapes compile on first use."""
-    for t in (s for s in SEQ_BUCKETS if s <= min(max_tokens, self.max_length)):
-      for b in (x for x in BATCH_BUCKETS if x <= min(max_batch, self.max_batch)):
-        self._forward(self._state, np.zeros((b, t), np.int32), np.ones((b, t), np.int32))
+    """Compile the query-sized programs up front (row widths up to the bucket of max_tokens,
+    enough rows for max_batch such texts); rarer shapes compile on first use."""
+    for width in (w for w in ROW_WIDTHS if w <= _row_widths_from(max_tokens)[0]):
+      rows = 1
+      while rows <= min(TOKENS_PER_CALL // width, self.max_batch, max_batch * max_tokens // width):
+        self._forward(self._state, np.zeros((rows, width), np.int32),
+                      np.ones((rows, width), np.int32), np.zeros((rows, width), np.int32),
+                      np.zeros((rows, _slots(width), width), np.float32))
+        rows *= 2
 
   def identity(self) -> dict:
     """What the index fingerprint records about the encoder."""

@@ -82,3 +82,31 @@ def test_missing_weight_is_named(tmp_path):
       os.path.join(enc_lib.default_encoder_path(), "config.json")).read())
   with pytest.raises(FileNotFoundError, match="safetensors"):
     enc_lib.load_bert(str(folder))
+
+
+def test_packed_rows_match_sentence_transformers(jax_encoder):
+  """Many short texts share rows (segment-masked attention, per-text positions and pooling):
+  each one's embedding is still sentence-transformers' for that text alone, and cls pooling
+  reads each text's own first token."""
+  from sentence_transformers import SentenceTransformer
+  rng = np.random.default_rng(0)
+  words = "paris river film director born city war king river capital novel".split()
+  texts = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(40)]
+  lengths = [len(t) for t in jax_encoder.tokenize(texts)]
+  width, rows, calls = enc_lib.plan(lengths, jax_encoder.max_batch)
+  assert len(rows) < len(texts) and max(len(r) for r in rows) > 1   # packing happened
+  assert all(sum(lengths[i] for i in r) <= width for r in rows)
+  assert sorted(i for r in rows for i in r) == list(range(len(texts)))
+  st = SentenceTransformer(enc_lib.default_encoder_path(), device="cpu")
+  ref = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+  np.testing.assert_allclose(jax_encoder.encode(texts), ref, atol=2e-5)
+  cls = enc_lib.Encoder(conventions=enc_lib.Conventions(pooling="cls"), max_batch=8)
+  alone = np.stack([cls.encode([t])[0] for t in texts[:5]])
+  np.testing.assert_allclose(cls.encode(texts)[:5], alone, atol=2e-6)
+
+
+def test_split_calls_weighs_padding_against_calls():
+  assert enc_lib.split_calls(34, 32, 32) == [32, 2]
+  assert enc_lib.split_calls(70, 64, 16) == [64, 8]         # 2 empty rows of 16 < one more call
+  assert enc_lib.split_calls(7, 64, 256) == [4, 2, 1]        # wide rows: three calls beat padding
+  assert enc_lib.split_calls(0, 8, 64) == []
