@@ -163,13 +163,9 @@ class BertModel(nnx.Module):
     self.layers = nnx.List([BertLayer(c, dtype, rngs) for _ in range(c.num_layers)])
     self.dtype = dtype
 
-  def __call__(self, ids: jax.Array, segments: jax.Array, positions: jax.Array | None = None
-               ) -> jax.Array:
+  def __call__(self, ids: jax.Array, segments: jax.Array, positions: jax.Array) -> jax.Array:
     """ids, segments, positions: [B, T]. segments > 0 numbers the texts packed in a row (0 is
-    padding); a token attends only within its text. A plain 0/1 attention mask is one text per
-    row, and then positions default to 0..T-1."""
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    padding); a token attends only within its text, and positions restart at 0 for each text."""
     x = self.word(ids) + self.position(positions) + self.token_type(jnp.zeros_like(ids))
     x = self.emb_ln(x).astype(self.dtype)
     same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
@@ -273,16 +269,24 @@ def pack_rows(lengths: Sequence[int], width: int, max_per_row: int) -> list[list
   """First-fit decreasing: text indices grouped into rows of at most `width` tokens and
   `max_per_row` texts. Longest first, so a long text never waits for a row with room."""
   rows: list[list[int]] = []
+  # rows that can still take a text: texts come longest first, so a row with less room than the
+  # shortest text, or with max_per_row texts, is closed for good and never scanned again
+  open_rows: list[int] = []
   room: list[int] = []
+  shortest = min(lengths, default=0)
   for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    for r, free in enumerate(room):
-      if lengths[i] <= free and len(rows[r]) < max_per_row:
-        rows[r].append(i)
-        room[r] -= lengths[i]
+    for k, r in enumerate(open_rows):
+      if lengths[i] <= room[r]:
         break
     else:
-      rows.append([i])
-      room.append(width - lengths[i])
+      k, r = len(open_rows), len(rows)
+      rows.append([])
+      room.append(width)
+      open_rows.append(r)
+    rows[r].append(i)
+    room[r] -= lengths[i]
+    if room[r] < shortest or len(rows[r]) >= max_per_row:
+      del open_rows[k]
   return rows
 
 

@@ -110,3 +110,33 @@ def test_split_calls_weighs_padding_against_calls():
   assert enc_lib.split_calls(70, 64, 16) == [64, 8]         # 2 empty rows of 16 < one more call
   assert enc_lib.split_calls(7, 64, 256) == [4, 2, 1]        # wide rows: three calls beat padding
   assert enc_lib.split_calls(0, 8, 64) == []
+
+
+def _first_fit_decreasing(lengths, width, max_per_row):
+  """The textbook packing, scanning every row for every text: the oracle for pack_rows."""
+  rows, room = [], []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for r in range(len(rows)):
+      if lengths[i] <= room[r] and len(rows[r]) < max_per_row:
+        rows[r].append(i)
+        room[r] -= lengths[i]
+        break
+    else:
+      rows.append([i])
+      room.append(width - lengths[i])
+  return rows
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pack_rows_is_first_fit_decreasing(seed):
+  """Closing rows that can take no more texts must not change the packing."""
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(0, 300))
+  width = int(rng.choice(enc_lib.ROW_WIDTHS[3:]))
+  lengths = [int(x) for x in rng.integers(1, width + 1, n)]
+  if seed % 2:   # query-like: many short texts, where the per-row text limit binds
+    lengths = [int(x) for x in rng.integers(3, 12, n)]
+  rows = enc_lib.pack_rows(lengths, width, enc_lib._slots(width))
+  assert rows == _first_fit_decreasing(lengths, width, enc_lib._slots(width))
+  assert sorted(i for r in rows for i in r) == list(range(n))
+  assert all(sum(lengths[i] for i in r) <= width for r in rows)
