@@ -133,9 +133,9 @@ def test_pack_rows_is_first_fit_decreasing(seed):
   rng = np.random.default_rng(seed)
   n = int(rng.integers(0, 300))
   width = int(rng.choice(enc_lib.ROW_WIDTHS[3:]))
-  lengths = [int(x) for x in rng.integers(1, width + 1, n)]
-  if seed % 2:   # query-like: many short texts, where the per-row text limit binds
-    lengths = [int(x) for x in rng.integers(3, 12, n)]
+  # odd seeds query-like: many short texts, where the per-row text limit binds
+  low, high = (3, 12) if seed % 2 else (1, width + 1)
+  lengths = [int(x) for x in rng.integers(low, high, n)]
   rows = enc_lib.pack_rows(lengths, width, enc_lib._slots(width))
   assert rows == _first_fit_decreasing(lengths, width, enc_lib._slots(width))
   assert sorted(i for r in rows for i in r) == list(range(n))
